@@ -1,0 +1,221 @@
+"""The ``flowmatch`` command line: thin wrappers around the library.
+
+    flowmatch train CONFIG [key=value ...] [--dry-run] [--no-resume]
+    flowmatch sample RUN_DIR_OR_CHECKPOINT [--n N] [--steps K] [--method heun] [--out grid.png]
+    flowmatch info CONFIG [key=value ...]
+
+Exit codes: 0 success, 1 training stopped by a non-finite loss, 2 bad input (config, checkpoint,
+data), 130 interrupted by Ctrl-C after writing a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flowmatch",
+        description="Train and sample flow-matching generative models "
+                    "(time convention: t=0 is noise, t=1 is data).",
+        formatter_class=_Formatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tr = sub.add_parser("train", help="train (or resume) the experiment a YAML config describes",
+                        formatter_class=_Formatter,
+                        description="Train the experiment in CONFIG. Re-running the same command "
+                                    "resumes from RUN_DIR/checkpoints/latest.pt.")
+    tr.add_argument("config", help="experiment YAML file, e.g. configs/digits_unet.yaml")
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="dotted overrides, e.g. train.steps=500 model.base_channels=32")
+    tr.add_argument("--dry-run", action="store_true",
+                    help="print the resolved config (every default filled in) and exit")
+    tr.add_argument("--no-resume", action="store_true",
+                    help="start from scratch even if the run directory holds a checkpoint")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sa = sub.add_parser("sample", help="draw samples from a trained run", formatter_class=_Formatter,
+                        description="Draw samples with an ODE solver from a checkpoint (EMA weights "
+                                    "by default). --out decides the format: NAME.png writes a grid "
+                                    "(a scatter plot for 2-D data), NAME.npy the raw array, and a "
+                                    "path without suffix a folder of PNGs named by sample index.")
+    sa.add_argument("checkpoint", help="run directory (uses checkpoints/latest.pt) or checkpoint file")
+    sa.add_argument("--n", type=int, default=64, help="number of samples")
+    sa.add_argument("--steps", type=int, default=None,
+                    help="solver steps (default: the run's sample.steps)")
+    sa.add_argument("--method", default=None,
+                    help="euler | midpoint | heun | rk4 | dopri5 (default: the run's sample.method)")
+    sa.add_argument("--grid", default=None, help="time grid: uniform | shifted (default: the run's)")
+    sa.add_argument("--grid-shift", type=float, default=None, help="shift for --grid shifted")
+    sa.add_argument("--out", default="samples.png", help="output: grid .png, .npy, or a folder")
+    sa.add_argument("--seed", type=int, default=0, help="sample i uses noise seeded by (seed, i)")
+    sa.add_argument("--batch-size", type=int, default=256, help="samples per forward batch")
+    sa.add_argument("--class", dest="label", type=int, default=None,
+                    help="class label for every sample (class-conditional runs; default: cycle "
+                         "through the classes)")
+    sa.add_argument("--no-ema", action="store_true", help="use the raw training weights")
+    sa.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+    inf = sub.add_parser("info", help="summarise the model a config builds (exact parameter count)",
+                         formatter_class=_Formatter)
+    inf.add_argument("config", help="experiment YAML file")
+    inf.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------
+
+
+def _cmd_train(args) -> int:
+    from flowmatch.config import dump_config, load_config
+    from flowmatch.training import NonFiniteLossError, Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return EXIT_OK
+    try:
+        result = Trainer(cfg, resume=not args.no_resume, progress=not args.no_progress).fit()
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    return EXIT_INTERRUPTED if result.status == "interrupted" else EXIT_OK
+
+
+def _cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from flowmatch import distributed
+    from flowmatch.config import ConfigError
+    from flowmatch.imageio import save_image_grid, save_images, save_scatter
+    from flowmatch.sampling import generate, seeded_noise
+    from flowmatch.training import model_from_checkpoint
+
+    if args.n < 1:
+        raise ConfigError("--n: must be >= 1")
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size: must be >= 1")
+    _, device = distributed.init(args.device)
+    model, cfg, state = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema, device=device)
+    sc = cfg.sample
+    method = args.method or sc.method
+    steps = args.steps if args.steps is not None else sc.steps
+    grid = args.grid or sc.grid
+    shift = args.grid_shift if args.grid_shift is not None else sc.grid_shift
+    from flowmatch.solvers import SOLVER_NAMES
+    from flowmatch.time_samplers import GRIDS
+
+    if method not in SOLVER_NAMES:
+        raise ConfigError(f"--method: unknown solver {method!r} (valid: {', '.join(SOLVER_NAMES)})")
+    if grid not in GRIDS:
+        raise ConfigError(f"--grid: unknown grid {grid!r} (valid: {', '.join(GRIDS)})")
+    if steps < 1:
+        raise ConfigError("--steps: must be >= 1")
+    data_shape = tuple(state["data_shape"])
+    num_classes = int(state["num_classes"])
+    if args.label is not None:
+        if num_classes == 0:
+            raise ConfigError("--class: this model is unconditional")
+        if not 0 <= args.label < num_classes:
+            raise ConfigError(f"--class: must be in [0, {num_classes - 1}]")
+
+    chunks, nfe = [], 0
+    for start in range(0, args.n, args.batch_size):
+        idx = range(start, min(args.n, start + args.batch_size))
+        x0 = seeded_noise(idx, data_shape, seed=args.seed, device=device)
+        y = None
+        if num_classes:
+            ids = torch.tensor(list(idx), device=device)
+            y = torch.full_like(ids, args.label) if args.label is not None else ids % num_classes
+        res = generate(model, x0, y=y, method=method, steps=steps, grid=grid, grid_shift=shift,
+                       atol=sc.atol, rtol=sc.rtol)
+        chunks.append(res.x.cpu())
+        nfe = max(nfe, res.nfe)
+    x = torch.cat(chunks)
+
+    out = Path(args.out)
+    if out.suffix == ".npy":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, x.numpy())
+    elif out.suffix == ".png":
+        if len(data_shape) == 3:
+            nrow = num_classes if num_classes and num_classes <= 16 and args.label is None else None
+            save_image_grid(x, out, nrow=nrow, upscale=max(1, 128 // data_shape[-1]))
+        elif data_shape == (2,):
+            save_scatter(x, out)
+        else:
+            raise ConfigError(f"--out: a .png needs image or 2-D data; this model makes {data_shape}: "
+                              "use .npy")
+    elif out.suffix == "":
+        if len(data_shape) != 3:
+            raise ConfigError(f"--out: a folder of PNGs needs image data; this model makes "
+                              f"{data_shape}: use .npy")
+        save_images(x, out)
+    else:
+        raise ConfigError(f"--out: unsupported suffix {out.suffix!r} (use .png, .npy, or a folder)")
+    print(f"wrote {args.n} samples to {out} ({method}, {steps} steps, NFE {nfe} per sample)")
+    return EXIT_OK
+
+
+def _cmd_info(args) -> int:
+    from flowmatch.config import load_config
+    from flowmatch.data import build_dataset
+    from flowmatch.models import count_parameters
+    from flowmatch.training import build_model_from_config
+
+    cfg = load_config(args.config, args.overrides)
+    ds = build_dataset(cfg.data.kind, **cfg.data.params)
+    model = build_model_from_config(cfg, tuple(ds.data_shape), int(ds.num_classes))
+    total = count_parameters(model)
+    print(f"experiment: {cfg.name}")
+    print(f"data:       {cfg.data.kind}, {len(ds)} items of shape {tuple(ds.data_shape)}, "
+          f"{ds.num_classes} classes")
+    print(f"model:      {cfg.model.arch} {cfg.model.params}")
+    print(f"path:       {cfg.path.scheduler} {cfg.path.params}")
+    print("parameters by top-level module:")
+    for name, child in model.named_children():
+        n = count_parameters(child)
+        if n:
+            print(f"  {name:<24} {n:>14,}")
+    direct = sum(p.numel() for p in model.parameters(recurse=False) if p.requires_grad)
+    if direct:
+        print(f"  {'(own parameters)':<24} {direct:>14,}")
+    print(f"trainable parameters: {total:,} ({total / 1e6:.2f}M)")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flowmatch.config import ConfigError
+    from flowmatch.training import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    handlers = {"train": _cmd_train, "sample": _cmd_sample, "info": _cmd_info}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValueError as e:  # data problems (empty folder, bad shapes) reported by the library
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""Process-group facts from the ``torchrun`` environment, with a single-process fallback.
+
+One code path for CPU, one GPU and many: ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` come from the
+environment ``torchrun`` sets; without them this is process 0 of 1 and every collective is a no-op.
+The backend is NCCL when the process drives a CUDA device and gloo otherwise. Nothing happens at
+import time: call :func:`init` explicitly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistInfo",
+    "init",
+    "info",
+    "is_main",
+    "print0",
+    "barrier",
+    "all_reduce_mean",
+    "all_reduce_sum",
+    "broadcast_object",
+    "cleanup",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_info() -> DistInfo:
+    return DistInfo(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def info() -> DistInfo:
+    """Rank facts of this process (initialised group first, then the environment)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return _env_info()
+
+
+def init(device: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Pick the device and, under torchrun, join the process group.
+
+    ``device``: "auto" (CUDA if available, else CPU), "cpu", or "cuda". Under torchrun each process
+    takes the GPU ``LOCAL_RANK``. Returns the rank facts and the ``torch.device`` to use.
+    """
+    env = _env_info()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA device")
+        torch.cuda.set_device(env.local_rank)
+        dev = torch.device("cuda", env.local_rank)
+    elif device == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if env.world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return info(), dev
+
+
+def is_main() -> bool:
+    return info().rank == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over all processes (a copy; identity in a single process)."""
+    x = x.detach().clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over all processes."""
+    return all_reduce_sum(x) / info().world_size
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from rank ``src`` on every rank."""
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,251 @@
+"""ODE solvers for sampling (and, run backwards, for likelihoods).
+
+Time convention: ``t = 0`` is noise ``x0 ~ N(0, I)``, ``t = 1`` is data ``x1``. Sampling integrates
+``dx/dt = v(x, t)`` forwards from 0 to 1; likelihood integrates it backwards from 1 to 0, which every
+solver here supports (a decreasing grid, or ``t0 > t1``: the step ``h`` is then negative).
+
+Fixed-step methods walk a time grid ``t_0, ..., t_N`` (``steps`` uniform steps, or an explicit grid
+such as :func:`flowmatch.time_samplers.time_grid`):
+
+=========  ===========================  =====  ===========
+method     scheme                       order  NFE / step
+=========  ===========================  =====  ===========
+euler      forward Euler                1      1
+midpoint   explicit midpoint            2      2
+heun       explicit trapezoid (Heun)    2      2
+rk4        classic Runge-Kutta          4      4
+=========  ===========================  =====  ===========
+
+Adaptive methods (``dopri5``, ...) come from torchdiffeq, an optional extra.
+
+Gradients: nothing here enters or leaves ``torch.no_grad``; the caller chooses (sampling wraps the
+call in ``torch.no_grad()``, likelihood needs gradients of ``v`` for its divergence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ODEResult",
+    "FIXED_STEP_METHODS",
+    "ADAPTIVE_METHODS",
+    "SOLVER_NAMES",
+    "solve_ode",
+    "euler",
+    "midpoint",
+    "heun",
+    "rk4",
+]
+
+# v(x, t): x (B, ...), t (B,) -> (B, ...)
+VelocityFn = Callable[[Tensor, Tensor], Tensor]
+# inside a method, f(x, t) takes t as a 0-dim tensor; solve_ode fills the (B,) tensor and counts calls
+StepFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class ODEResult:
+    """x: the state at the last time ``(B, ...)``; nfe: number of velocity evaluations, counted;
+    times: the grid walked (fixed-step) or the output times (adaptive), 1-D; trajectory: the state at
+    every entry of ``times`` (first element is the initial state ``x0``) when asked for, else None."""
+
+    x: Tensor
+    nfe: int
+    times: Tensor
+    trajectory: list[Tensor] | None
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed-step methods
+# ----------------------------------------------------------------------------------------------
+# A method is a generator f, x, grid -> yields the state at grid[1], ..., grid[-1]. Walking the grid
+# inside the method (rather than one step per call) lets a multistep method (Adams-Bashforth) keep
+# its history in local variables and still be one more registered function.
+
+
+def euler(f: StepFn, x: Tensor, grid: Tensor) -> Iterator[Tensor]:
+    """Forward Euler: ``x_{n+1} = x_n + h f(x_n, t_n)``. Order 1, 1 NFE per step."""
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        h = t_next - t
+        k1 = f(x, t)  # slope at the start of the step
+        x = x + h * k1
+        yield x
+
+
+def midpoint(f: StepFn, x: Tensor, grid: Tensor) -> Iterator[Tensor]:
+    """Explicit midpoint: an Euler half step, then the full step with the slope found there.
+    Order 2, 2 NFE per step."""
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        h = t_next - t
+        k1 = f(x, t)  # slope at the start
+        k2 = f(x + 0.5 * h * k1, t + 0.5 * h)  # slope at the Euler estimate of the midpoint
+        x = x + h * k2
+        yield x
+
+
+def heun(f: StepFn, x: Tensor, grid: Tensor) -> Iterator[Tensor]:
+    """Heun's method (explicit trapezoid): an Euler predictor, then the average of the slopes at both
+    ends. Order 2, 2 NFE per step."""
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        h = t_next - t
+        k1 = f(x, t)  # slope at the start
+        x_pred = x + h * k1  # predictor: Euler to the end of the step
+        k2 = f(x_pred, t_next)  # slope at the predicted end
+        x = x + 0.5 * h * (k1 + k2)  # corrector: trapezoidal rule
+        yield x
+
+
+def rk4(f: StepFn, x: Tensor, grid: Tensor) -> Iterator[Tensor]:
+    """Classic fourth-order Runge-Kutta. Order 4, 4 NFE per step."""
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        h = t_next - t
+        k1 = f(x, t)  # slope at the start
+        k2 = f(x + 0.5 * h * k1, t + 0.5 * h)  # midpoint, reached with k1
+        k3 = f(x + 0.5 * h * k2, t + 0.5 * h)  # midpoint again, reached with k2
+        k4 = f(x + h * k3, t_next)  # end, reached with k3
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)  # Simpson-weighted average of the slopes
+        yield x
+
+
+FIXED_STEP_METHODS: dict[str, Callable[[StepFn, Tensor, Tensor], Iterator[Tensor]]] = {
+    "euler": euler,
+    "midpoint": midpoint,
+    "heun": heun,
+    "rk4": rk4,
+}
+
+# torchdiffeq's adaptive-step methods we expose; they pick their own steps from atol / rtol
+ADAPTIVE_METHODS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+SOLVER_NAMES: tuple[str, ...] = tuple(FIXED_STEP_METHODS) + ADAPTIVE_METHODS
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+
+
+class _CountedVelocity:
+    """``f(x, t)`` with a 0-dim ``t``: calls ``velocity(x, t (B,))`` and counts the calls."""
+
+    def __init__(self, velocity: VelocityFn, batch: int, time_dtype: torch.dtype):
+        self.velocity = velocity
+        self.batch = batch
+        self.time_dtype = time_dtype
+        self.nfe = 0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        self.nfe += 1
+        # a fresh (B,) tensor, not an expanded view, so a model may modify or view it freely
+        # (torchdiffeq may hand over its internal time dtype; the model sees one dtype throughout)
+        return self.velocity(x, t.to(self.time_dtype).reshape(1).repeat(self.batch))
+
+
+def _check_grid(grid: Tensor) -> None:
+    if grid.ndim != 1 or grid.numel() < 2:
+        raise ValueError(f"grid must be 1-D with at least 2 times, got shape {tuple(grid.shape)}")
+    dt = grid[1:] - grid[:-1]
+    if not (bool((dt > 0).all()) or bool((dt < 0).all())):
+        raise ValueError("grid must be strictly increasing (forwards) or strictly decreasing (backwards)")
+
+
+def solve_ode(
+    velocity: VelocityFn,
+    x0: Tensor,
+    *,
+    method: str = "euler",
+    steps: int | None = None,
+    grid: Tensor | None = None,
+    t0: float = 0.0,
+    t1: float = 1.0,
+    return_trajectory: bool = False,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+) -> ODEResult:
+    """Integrate ``dx/dt = velocity(x, t)`` from ``x(t0) = x0``.
+
+    velocity: ``v(x, t)`` with ``x`` ``(B, ...)`` and ``t`` ``(B,)`` (every entry the current time),
+    returning ``(B, ...)``. x0: the initial state ``(B, ...)`` (noise when sampling, data when
+    integrating backwards for a likelihood).
+
+    Times, fixed-step methods (``FIXED_STEP_METHODS``): exactly one of
+      * ``steps``: ``steps`` equal steps from ``t0`` to ``t1``;
+      * ``grid``: an explicit 1-D grid, strictly increasing or strictly decreasing (backwards); it
+        defines the interval, so ``t0`` / ``t1``, if changed from their defaults, must equal its ends.
+
+    Adaptive methods (``ADAPTIVE_METHODS``, via ``torchdiffeq.odeint`` with ``atol`` / ``rtol``):
+    integrate from ``t0`` to ``t1``, or over ``grid`` whose entries are then the output times
+    (``steps`` is an error: the method chooses its own steps). ``atol`` / ``rtol`` are used only here.
+
+    Adaptive steps are made to land on every output time, so the velocity is evaluated inside
+    ``[t0, t1]`` only -- except for torchdiffeq's one initial step-size probe at ``t0 + h0`` with
+    ``h0 ~ 0.01 |x0| / |v(x0, t0)|``, which stays inside for any velocity not ~100x smaller than
+    the state.
+
+    Times are float64 when ``x0`` is, else float32. ``nfe`` is counted around ``velocity``, so it is
+    exact for every method (torchdiffeq's initial step-size probe included). Grad mode is left to the
+    caller. Returns ``ODEResult(x, nfe, times, trajectory)``; ``trajectory`` (if asked for) holds the
+    state at each of ``times``, starting with ``x0``.
+    """
+    if method not in SOLVER_NAMES:
+        raise ValueError(f"unknown solver method {method!r}; valid names: {', '.join(SOLVER_NAMES)}")
+    time_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    adaptive = method in ADAPTIVE_METHODS
+
+    if grid is not None:
+        if steps is not None:
+            raise ValueError("give exactly one of steps and grid, not both")
+        times = torch.as_tensor(grid).to(device=x0.device, dtype=time_dtype)
+        _check_grid(times)
+        defaults = (t0, t1) == (0.0, 1.0)
+        ends = (float(times[0]), float(times[-1]))
+        if not defaults and not torch.allclose(torch.tensor(ends), torch.tensor([float(t0), float(t1)])):
+            raise ValueError(f"t0, t1 = {t0}, {t1} contradict the grid's ends {ends}; pass one or the other")
+    elif adaptive:
+        if steps is not None:
+            raise ValueError(f"{method!r} is adaptive and picks its own steps; pass grid for output times")
+        if t0 == t1:
+            raise ValueError("t0 and t1 must differ")
+        times = torch.tensor([t0, t1], device=x0.device, dtype=time_dtype)
+    else:
+        if steps is None:
+            raise ValueError(f"{method!r} is a fixed-step method: give steps or grid")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if t0 == t1:
+            raise ValueError("t0 and t1 must differ")
+        times = torch.linspace(t0, t1, steps + 1, device=x0.device, dtype=time_dtype)
+
+    f = _CountedVelocity(velocity, x0.shape[0], time_dtype)
+    if adaptive:
+        states = _odeint(f, x0, times, method, atol, rtol)
+        x = states[-1]
+        trajectory = list(states.unbind(0)) if return_trajectory else None
+    else:
+        trajectory = [x0] if return_trajectory else None
+        x = x0
+        for x in FIXED_STEP_METHODS[method](f, x0, times):
+            if trajectory is not None:
+                trajectory.append(x)
+    return ODEResult(x=x, nfe=f.nfe, times=times, trajectory=trajectory)
+
+
+def _odeint(f: _CountedVelocity, x0: Tensor, times: Tensor, method: str, atol: float, rtol: float) -> Tensor:
+    """torchdiffeq's ``odeint``; returns the states at ``times``, shape ``(len(times), B, ...)``."""
+    try:
+        from torchdiffeq import odeint  # optional extra, imported only when an adaptive method runs
+    except ImportError as err:
+        raise ImportError(
+            f"solver method {method!r} needs torchdiffeq: pip install 'flowmatch[ode]'"
+        ) from err
+    # step_t: make the solver land exactly on every output time. Left alone, torchdiffeq steps past
+    # the last time and interpolates back, which evaluates the velocity outside [t0, t1] (t > 1 for a
+    # model trained on [0, 1]; nan for the VP schedule) and returns interpolants instead of steps.
+    options = {"step_t": times}
+    # torchdiffeq calls func(t, y) with t 0-dim, the argument order opposite to ours
+    return odeint(lambda t, x: f(x, t), x0, times, method=method, atol=atol, rtol=rtol, options=options)

@@ -1,0 +1,29 @@
+"""Training: the loop, EMA, learning-rate schedules and atomic, resumable checkpoints."""
+
+from flowmatch.training.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from flowmatch.training.ema import EMA, ema_decay_from_halflife
+from flowmatch.training.lr import lr_at
+from flowmatch.training.trainer import (
+    BatchStream,
+    NonFiniteLossError,
+    Trainer,
+    TrainResult,
+    build_model_from_config,
+    model_from_checkpoint,
+)
+
+__all__ = [
+    "BatchStream",
+    "CheckpointError",
+    "EMA",
+    "NonFiniteLossError",
+    "Trainer",
+    "TrainResult",
+    "build_model_from_config",
+    "ema_decay_from_halflife",
+    "find_checkpoint",
+    "load_checkpoint",
+    "lr_at",
+    "model_from_checkpoint",
+    "save_checkpoint",
+]

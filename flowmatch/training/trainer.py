@@ -1,0 +1,512 @@
+"""The training loop: flow-matching loss, AdamW, warm-up + cosine LR, EMA, AMP, checkpoints, resume.
+
+One step, for a data batch x1 (t = 0 is noise, t = 1 is data)::
+
+    x0 ~ N(0, I),  t ~ time sampler,  (x_t, u_t) = path.sample(x0, x1, t)
+    loss = mean || model(x_t, t, y) - u_t ||^2
+
+Reproducibility is by construction rather than by saving RNG states: everything random in step
+``s`` (batch order, noise, times, flips, label dropout, dropout masks) is drawn from generators
+seeded by ``(seed, s, micro-step)``. The random draws cover the *global* batch and each process
+takes its slice, so a run resumed at step k continues exactly as if it had never stopped, and the
+batch a step sees does not depend on how many processes share it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flowmatch import distributed
+from flowmatch.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config
+from flowmatch.data import build_dataset
+from flowmatch.imageio import save_image_grid, save_line_plot, save_scatter
+from flowmatch.models import build_model, count_parameters
+from flowmatch.paths import build_path
+from flowmatch.sampling import generate, sample_seed, seeded_noise
+from flowmatch.time_samplers import build_time_sampler
+from flowmatch.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from flowmatch.training.ema import EMA, ema_decay_from_halflife
+from flowmatch.training.lr import lr_at
+
+__all__ = [
+    "Trainer",
+    "TrainResult",
+    "NonFiniteLossError",
+    "BatchStream",
+    "build_model_from_config",
+    "model_from_checkpoint",
+]
+
+# Distinct streams of randomness, so that e.g. the batch order never shares draws with the noise.
+_STREAM_ORDER, _STREAM_STEP, _STREAM_GRID = 1, 2, 3
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient became NaN/inf; training stopped before the optimizer step."""
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps completed
+    status: str  # "finished" | "interrupted"
+    run_dir: Path
+    last_loss: float
+
+
+def build_model_from_config(cfg: Config, data_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The network a config describes, for data of ``data_shape`` with ``num_classes`` labels."""
+    from flowmatch.models import MODEL_REGISTRY
+
+    if cfg.model.class_cond and num_classes < 1:
+        raise ConfigError("model.class_cond: the data set has no labels (num_classes is 0)")
+    cfg_cls, _ = MODEL_REGISTRY[cfg.model.arch]
+    arch_cfg = cfg_cls(**cfg.model.params)
+    return build_model(cfg.model.arch, arch_cfg, tuple(data_shape),
+                       num_classes if cfg.model.class_cond else 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data order
+# ----------------------------------------------------------------------------------------------
+
+
+class BatchStream:
+    """Global batches as a pure function of the micro-step index.
+
+    The data order is an endless concatenation of permutations of the data set, permutation ``e``
+    drawn from seed ``(seed, e)``. Micro-step ``k`` takes positions ``[k G, (k+1) G)`` of that
+    stream, ``G`` the global batch; process ``r`` of ``W`` takes the ``r``-th of ``W`` equal slices.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
+        if n < 1:
+            raise ValueError("the data set is empty")
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.rank, self.world_size = rank, world_size
+        self.local_batch = global_batch // world_size
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(sample_seed(self.seed * 1000 + _STREAM_ORDER, epoch))
+            self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm
+
+    def global_indices(self, k: int) -> torch.Tensor:
+        start = k * self.global_batch
+        out, pos = [], start
+        while pos < start + self.global_batch:
+            epoch, offset = divmod(pos, self.n)
+            take = min(self.n - offset, start + self.global_batch - pos)
+            out.append(self._permutation(epoch)[offset: offset + take])
+            pos += take
+        return torch.cat(out)
+
+    def local_indices(self, k: int) -> torch.Tensor:
+        idx = self.global_indices(k)
+        return idx[self.rank * self.local_batch: (self.rank + 1) * self.local_batch]
+
+
+class _LoaderFromStream:
+    """Read local batches for micro-steps k, k+1, ... through a DataLoader (workers for disk data)."""
+
+    def __init__(self, dataset, stream: BatchStream, start_k: int, num_workers: int):
+        class _Sampler(torch.utils.data.Sampler):
+            def __iter__(inner):  # noqa: N805 - closure over the stream
+                k = start_k
+                while True:
+                    yield stream.local_indices(k).tolist()
+                    k += 1
+
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=_Sampler(), num_workers=num_workers,
+            persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        )
+        self.it = iter(self.loader)
+
+    def next(self):
+        x, y = next(self.it)
+        return x, torch.as_tensor(y)
+
+
+def _in_memory(dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(X, Y) tensors for a data set that already lives in memory (toys, digits), else None."""
+    for name in ("points", "images"):
+        x = getattr(dataset, name, None)
+        if isinstance(x, torch.Tensor) and isinstance(getattr(dataset, "labels", None), torch.Tensor):
+            return x, dataset.labels
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Train the model a :class:`Config` describes; ``fit()`` runs (or resumes) to ``train.steps``.
+
+    Usable from Python::
+
+        cfg = load_config("configs/digits_unet.yaml", ["train.steps=200"])
+        result = Trainer(cfg).fit()
+    """
+
+    def __init__(self, cfg: Config, *, resume: bool = True, progress: bool = True):
+        self.cfg = cfg
+        self.resume = resume
+        self.progress = progress
+        self.dist, self.device = distributed.init(cfg.device)
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        tc = cfg.train
+
+        # Data ------------------------------------------------------------------------------
+        self.dataset = build_dataset(cfg.data.kind, **cfg.data.params)
+        self.data_shape = tuple(self.dataset.data_shape)
+        self.num_classes = int(self.dataset.num_classes)
+        if cfg.data.hflip and len(self.data_shape) != 3:
+            raise ConfigError("data.hflip: horizontal flips need image data (C, H, W)")
+        self.global_batch = tc.batch_size * self.dist.world_size
+        self.images_per_step = self.global_batch * tc.grad_accum
+        self.stream = BatchStream(len(self.dataset), self.global_batch, cfg.seed,
+                                  self.dist.rank, self.dist.world_size)
+        self.memory = _in_memory(self.dataset)
+
+        # Model, EMA, optimizer ----------------------------------------------------------------
+        torch.manual_seed(cfg.seed)  # initial weights
+        self.model = build_model_from_config(cfg, self.data_shape, self.num_classes).to(self.device)
+        self.ema = EMA(self.model)
+        self.ddp_model = self.model
+        if self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=tc.betas,
+                                           weight_decay=tc.weight_decay)
+        self.path = build_path(cfg.path.scheduler, **cfg.path.params)
+        self.time_sampler = build_time_sampler(tc.time_sampler.name, shift=tc.time_sampler.shift,
+                                               **tc.time_sampler.params)
+        if tc.ema_halflife_images > 0:
+            self.ema_decay = ema_decay_from_halflife(tc.ema_halflife_images, self.images_per_step)
+        else:
+            self.ema_decay = tc.ema_decay
+
+        # Mixed precision: a no-op context on CPU ----------------------------------------------
+        self.amp_dtype = self._amp_dtype(tc.mixed_precision)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+        self.step = 0
+        self.history: list[dict] = []
+        self._stop_requested = False
+
+    # -- set-up helpers --------------------------------------------------------------------------
+
+    def _amp_dtype(self, mode: str) -> torch.dtype | None:
+        if self.device.type != "cuda" or mode == "no":
+            if mode in ("bf16", "fp16") and self.device.type != "cuda":
+                distributed.print0(f"note: train.mixed_precision={mode} needs CUDA; training in fp32")
+            return None
+        if mode == "fp16":
+            return torch.float16
+        if mode == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def describe(self) -> str:
+        n = count_parameters(self.model)
+        return (f"{self.cfg.model.arch} with {n:,} trainable parameters ({n / 1e6:.2f}M) on "
+                f"{self.data_shape} data, {len(self.dataset)} items, {self.num_classes} classes; "
+                f"global batch {self.images_per_step} = {self.cfg.train.batch_size} x "
+                f"{self.dist.world_size} process(es) x {self.cfg.train.grad_accum} accumulation; "
+                f"device {self.device}")
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "config": config_to_dict(self.cfg),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "data_shape": list(self.data_shape),
+            "num_classes": self.num_classes if self.cfg.model.class_cond else 0,
+            "world_size": self.dist.world_size,
+            "global_batch": self.images_per_step,
+        }
+
+    def save(self, keep: bool = False) -> None:
+        """Write checkpoints/latest.pt (rank 0 only), and a numbered snapshot when ``keep``."""
+        if self.dist.is_main:
+            state = self.state_dict()
+            save_checkpoint(state, self.ckpt_dir / "latest.pt")
+            if keep:
+                save_checkpoint(state, self.ckpt_dir / f"step_{self.step:07d}.pt")
+        distributed.barrier()
+
+    def _try_resume(self) -> None:
+        path = self.ckpt_dir / "latest.pt"
+        if not (self.resume and path.is_file()):
+            return
+        state = load_checkpoint(path, map_location=self.device)
+        saved = config_from_dict(state["config"])
+        if (saved.model.arch, saved.model.params, saved.model.class_cond) != (
+                self.cfg.model.arch, self.cfg.model.params, self.cfg.model.class_cond):
+            raise CheckpointError(
+                f"{path} was trained with a different model (model section differs); "
+                "use another out_dir or --no-resume")
+        if tuple(state["data_shape"]) != self.data_shape:
+            raise CheckpointError(f"{path} was trained on data of shape {tuple(state['data_shape'])},"
+                                  f" this config gives {self.data_shape}")
+        if state.get("global_batch") != self.images_per_step:
+            distributed.print0(f"warning: resuming with global batch {self.images_per_step}, the "
+                               f"checkpoint used {state.get('global_batch')}: not an exact resume")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        distributed.print0(f"resumed from {path} at step {self.step}")
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def _step_generator(self, k: int) -> torch.Generator:
+        return torch.Generator().manual_seed(sample_seed(self.cfg.seed * 1000 + _STREAM_STEP, k))
+
+    def _local_batch(self, k: int, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.memory is not None:
+            X, Y = self.memory
+            idx = self.stream.local_indices(k)
+            return X[idx], Y[idx]
+        return loader.next()
+
+    def _micro_step(self, k: int, loader) -> torch.Tensor:
+        """Loss of micro-step ``k`` (already divided by grad_accum), backward done by the caller."""
+        tc = self.cfg.train
+        G, B, r = self.global_batch, tc.batch_size, self.dist.rank
+        x1, y = self._local_batch(k, loader)
+        # All randomness of this micro-step, drawn for the global batch on the CPU; we take our slice.
+        g = self._step_generator(k)
+        x0 = torch.randn((G, *self.data_shape), generator=g)[r * B:(r + 1) * B]
+        t = self.time_sampler(G, generator=g)[r * B:(r + 1) * B]
+        flip = torch.rand(G, generator=g)[r * B:(r + 1) * B] < 0.5
+        drop = torch.rand(G, generator=g)[r * B:(r + 1) * B] < tc.label_dropout
+        torch.manual_seed(sample_seed(self.cfg.seed * 1000 + _STREAM_STEP, k) + r)  # dropout masks
+
+        x1 = x1.to(self.device, non_blocking=True).float()
+        if self.cfg.data.hflip:
+            x1 = torch.where(flip.view(-1, 1, 1, 1).to(self.device), x1.flip(-1), x1)
+        x0, t = x0.to(self.device), t.to(self.device)
+        cond = None
+        if self.cfg.model.class_cond:
+            cond = y.to(self.device).long()
+            if tc.label_dropout > 0:
+                cond = torch.where(drop.to(self.device), torch.full_like(cond, self.model.null_class), cond)
+
+        sample = self.path.sample(x0, x1, t)
+        with self._autocast():
+            v = self.ddp_model(sample.x_t, t, cond)  # (B, *data_shape)
+        loss = (v.float() - sample.u_t).pow(2).mean()
+        return loss
+
+    def _train_step(self, loader) -> tuple[float, float]:
+        """One optimizer step (with accumulation); returns (loss, grad_norm)."""
+        tc = self.cfg.train
+        lr = lr_at(self.step, base_lr=tc.lr, total_steps=tc.steps, warmup_steps=tc.warmup_steps,
+                   schedule=tc.lr_schedule, min_lr_ratio=tc.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for micro in range(tc.grad_accum):
+            k = self.step * tc.grad_accum + micro
+            sync = micro == tc.grad_accum - 1 or not self.dist.distributed
+            ctx = contextlib.nullcontext() if sync else self.ddp_model.no_sync()
+            with ctx:
+                loss = self._micro_step(k, loader) / tc.grad_accum
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        total = distributed.all_reduce_mean(total)
+        loss_value, norm_value = float(total), float(grad_norm)
+        if not (math.isfinite(loss_value) and (math.isfinite(norm_value) or self.amp_dtype == torch.float16)):
+            raise NonFiniteLossError(
+                f"non-finite loss {loss_value} (grad norm {norm_value}) at step {self.step + 1}; "
+                f"stopped before the update. The last good checkpoint is "
+                f"{self.ckpt_dir / 'latest.pt'} (step <= {self.step}); lower train.lr or check the data")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        decay = 0.0 if self.step <= tc.ema_start_step else self.ema_decay
+        self.ema.update(self.model, decay)
+        return loss_value, norm_value
+
+    # -- outputs ---------------------------------------------------------------------------------
+
+    def sample_grid(self, path: Path | None = None) -> Path:
+        """Samples from the EMA model with fixed noise (comparable across steps) -> a PNG."""
+        sc = self.cfg.sample
+        n = sc.n if len(self.data_shape) == 3 else max(sc.n, 2000)
+        x0 = seeded_noise(range(n), self.data_shape, seed=self.cfg.seed * 1000 + _STREAM_GRID,
+                          device=self.device)
+        y = None
+        if self.cfg.model.class_cond:
+            y = torch.arange(n, device=self.device) % self.num_classes
+        model = self.ema.model if sc.use_ema else self.model
+        out = generate(model, x0, y=y, method=sc.method, steps=sc.steps, grid=sc.grid,
+                       grid_shift=sc.grid_shift, atol=sc.atol, rtol=sc.rtol).x.cpu()
+        path = path or self.run_dir / "samples" / f"step_{self.step:07d}.png"
+        if len(self.data_shape) == 3:
+            nrow = self.num_classes if self.cfg.model.class_cond and self.num_classes <= 16 else None
+            upscale = max(1, 128 // self.data_shape[-1])
+            save_image_grid(out, path, nrow=nrow, upscale=upscale)
+        elif self.data_shape == (2,):
+            ref = self.memory[0][: len(out)] if self.memory is not None else None
+            save_scatter(out, path, ref=ref)
+        else:
+            path = path.with_suffix(".pt")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(out, path)
+        return path
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        steps = [r["step"] for r in self.history]
+        save_line_plot({"train loss": (steps, [r["loss"] for r in self.history])},
+                       self.run_dir / "loss.png", title=f"{self.cfg.name}: flow-matching loss",
+                       logy=True)
+
+    def _load_history(self) -> None:
+        """Keep the metric lines up to the resumed step (later ones belong to lost work)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if rec.get("step", 0) <= self.step:
+                keep.append(rec)
+        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        self.history = keep
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self._stop_requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        distributed.print0("\ninterrupt: finishing this step, writing a checkpoint, then exiting "
+                           "(Ctrl-C again to abort without saving)")
+
+    def fit(self) -> TrainResult:
+        cfg, tc = self.cfg, self.cfg.train
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        self._try_resume()
+        if self.dist.is_main:
+            self._load_history()
+            distributed.print0(self.describe())
+        loader = None
+        if self.memory is None:
+            loader = _LoaderFromStream(self.dataset, self.stream, self.step * tc.grad_accum,
+                                       tc.num_workers)
+
+        old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        bar = None
+        if self.progress and self.dist.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=tc.steps, initial=self.step, desc=cfg.name, dynamic_ncols=True)
+        status, loss, t_last, step_last = "finished", float("nan"), time.perf_counter(), self.step
+        self.model.train()
+        try:
+            while self.step < tc.steps:
+                loss, grad_norm = self._train_step(loader)
+                if bar is not None:
+                    bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    now = time.perf_counter()
+                    speed = (self.step - step_last) * self.images_per_step / max(now - t_last, 1e-9)
+                    t_last, step_last = now, self.step
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+                    if self.dist.is_main:
+                        self._log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                   "samples_per_s": speed, "time": time.time()})
+                if tc.sample_every and self.step % tc.sample_every == 0 and self.dist.is_main:
+                    self.sample_grid()
+                keep = bool(tc.keep_every) and self.step % tc.keep_every == 0
+                if (tc.save_every and self.step % tc.save_every == 0) or keep:
+                    self.save(keep=keep)
+                stop = torch.tensor(float(self._stop_requested))
+                if self.dist.distributed:
+                    stop = distributed.all_reduce_sum(stop.to(self.device)).cpu()
+                if stop.item() > 0 and self.step < tc.steps:
+                    status = "interrupted"
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+        self.save(keep=bool(tc.keep_every) and status == "finished")
+        if status == "finished" and self.dist.is_main:
+            final = self.sample_grid(self.run_dir / "samples.png")
+            distributed.print0(f"done: {self.step} steps; samples {final}; loss curve "
+                               f"{self.run_dir / 'loss.png'}; checkpoint {self.ckpt_dir / 'latest.pt'}")
+        elif status == "interrupted":
+            distributed.print0(f"interrupted at step {self.step}; checkpoint written to "
+                               f"{self.ckpt_dir / 'latest.pt'}; run the same command to resume")
+        return TrainResult(step=self.step, status=status, run_dir=self.run_dir, last_loss=loss)
+
+
+def model_from_checkpoint(path: str | Path, *, use_ema: bool = True,
+                          device: str | torch.device = "cpu") -> tuple[nn.Module, Config, dict]:
+    """Rebuild the network stored in a checkpoint file or run directory.
+
+    Returns (model in eval mode on ``device``, its resolved :class:`Config`, the raw state dict).
+    ``use_ema`` picks the EMA weights (what samples should use) over the raw training weights.
+    """
+    from flowmatch.training.checkpoint import find_checkpoint
+
+    file = find_checkpoint(path)
+    state = load_checkpoint(file, map_location="cpu")
+    try:
+        cfg = config_from_dict(state["config"])
+        data_shape, num_classes = tuple(state["data_shape"]), int(state["num_classes"])
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{file}: its stored config is unusable: {e}") from None
+    model = build_model_from_config(cfg, data_shape, num_classes if cfg.model.class_cond else 0)
+    try:
+        model.load_state_dict(state["ema" if use_ema else "model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{file}: weights do not fit the stored architecture: "
+                              f"{str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), cfg, state

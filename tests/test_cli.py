@@ -1,0 +1,137 @@
+"""The command line end to end: train -> checkpoint -> resume -> sample, info, and bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flowmatch.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = str(ROOT / "configs" / "toy2d.yaml")
+DIGITS = str(ROOT / "configs" / "digits_unet.yaml")
+
+
+def tiny_toy(tmp_path, steps=6):
+    return [TOY, f"out_dir={tmp_path / 'run'}", f"train.steps={steps}", "train.batch_size=32",
+            "data.n=300", "model.hidden=16", "model.depth=1", "train.log_every=2",
+            "train.sample_every=0", "train.save_every=3", "sample.steps=2", "sample.n=50",
+            "device=cpu"]
+
+
+def test_train_resume_sample_end_to_end(tmp_path, capsys):
+    assert main(["train", *tiny_toy(tmp_path, 6), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "latest.pt").is_file() and (run / "samples.png").is_file()
+    # Asking for more steps resumes from step 6.
+    assert main(["train", *tiny_toy(tmp_path, 9), "--no-progress"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    # Sampling: npy, scatter png, explicit checkpoint file, every solver name.
+    assert main(["sample", str(run), "--n", "37", "--steps", "3", "--method", "rk4",
+                 "--out", str(tmp_path / "x.npy"), "--batch-size", "16"]) == 0
+    x = np.load(tmp_path / "x.npy")
+    assert x.shape == (37, 2) and np.isfinite(x).all()
+    assert "NFE 12" in capsys.readouterr().out
+    assert main(["sample", str(run / "checkpoints" / "latest.pt"), "--n", "20",
+                 "--out", str(tmp_path / "s.png")]) == 0
+    assert Image.open(tmp_path / "s.png").size[0] > 100
+    # Same seed -> same samples, whatever the batch size.
+    assert main(["sample", str(run), "--n", "37", "--steps", "3", "--method", "rk4",
+                 "--out", str(tmp_path / "y.npy"), "--batch-size", "5"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), x, rtol=0, atol=1e-5)
+
+
+def test_sample_image_folder_and_grid(tmp_path):
+    args = [DIGITS, f"out_dir={tmp_path / 'run'}", "train.steps=2", "train.batch_size=8",
+            "data.image_size=8", "model.base_channels=8", "model.channel_mults=[1, 2]",
+            "model.attn_levels=[1]", "model.num_heads=2", "train.sample_every=0",
+            "sample.n=10", "sample.steps=1", "device=cpu"]
+    assert main(["train", *args, "--no-progress"]) == 0
+    run = tmp_path / "run"
+    assert main(["sample", str(run), "--n", "12", "--steps", "2", "--method", "euler",
+                 "--out", str(tmp_path / "pngs"), "--class", "3"]) == 0
+    files = sorted(p.name for p in (tmp_path / "pngs").iterdir())
+    assert files[0] == "000000.png" and len(files) == 12
+    assert Image.open(tmp_path / "pngs" / files[0]).size == (8, 8)
+    assert main(["sample", str(run), "--n", "20", "--out", str(tmp_path / "g.png")]) == 0
+    assert main(["sample", str(run), "--class", "10", "--out", str(tmp_path / "h.png")]) == 2
+
+
+def test_info_prints_exact_parameter_count(capsys):
+    assert main(["info", TOY]) == 0
+    out = capsys.readouterr().out
+    from flowmatch.config import load_config
+    from flowmatch.data import build_dataset
+    from flowmatch.models import count_parameters
+    from flowmatch.training import build_model_from_config
+
+    cfg = load_config(TOY)
+    ds = build_dataset(cfg.data.kind, **cfg.data.params)
+    n = count_parameters(build_model_from_config(cfg, ds.data_shape, ds.num_classes))
+    assert f"trainable parameters: {n:,}" in out
+
+
+def test_dry_run_prints_resolved_config(capsys):
+    assert main(["train", TOY, "train.steps=77", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 77" in out and "hidden: 256" in out and "sigma_min" in out
+
+
+@pytest.mark.parametrize("override, text", [
+    ("train.stepz=5", "train.stepz: unknown key"),
+    ("train.steps=abc", "train.steps: expected an integer"),
+    ("train.steps=-1", "train.steps: must be >= 1"),
+])
+def test_bad_config_exits_2_with_one_line(override, text, capsys, tmp_path):
+    assert main(["train", TOY, override, f"out_dir={tmp_path}/r"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert text in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()  # nothing started
+
+
+def test_data_folder_errors(tmp_path, capsys):
+    cfg = tmp_path / "folder.yaml"
+    cfg.write_text("data: {kind: folder, image_size: 8, root: placeholder}\n"
+                   "model: {arch: unet, base_channels: 8}\n"
+                   f"out_dir: {tmp_path / 'r'}\ndevice: cpu\n")
+    assert main(["train", str(cfg), f"data.root={tmp_path / 'missing'}"]) == 2
+    assert "missing" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["train", str(cfg), f"data.root={tmp_path / 'empty'}"]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_bad_checkpoint_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    assert main(["sample", str(bad), "--out", str(tmp_path / "o.png")]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "nothing")]) == 2
+
+
+def test_ctrl_c_in_a_real_process_writes_checkpoint_and_exits_130(tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "flowmatch", "train", TOY, f"out_dir={run}", "train.steps=100000",
+            "train.batch_size=16", "data.n=200", "model.hidden=16", "model.depth=1",
+            "train.sample_every=0", "train.save_every=0", "train.log_every=1", "device=cpu",
+            "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    metrics = run / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in out
+    from flowmatch.training import load_checkpoint
+
+    state = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert 3 <= state["step"] < 100000
