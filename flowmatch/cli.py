@@ -87,11 +87,15 @@ def _cmd_train(args) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return EXIT_OK
+    from flowmatch import distributed
+
     try:
         result = Trainer(cfg, resume=not args.no_resume, progress=not args.no_progress).fit()
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    finally:
+        distributed.cleanup()
     return EXIT_INTERRUPTED if result.status == "interrupted" else EXIT_OK
 
 

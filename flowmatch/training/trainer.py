@@ -444,22 +444,26 @@ class Trainer:
 
             bar = tqdm(total=tc.steps, initial=self.step, desc=cfg.name, dynamic_ncols=True)
         status, loss, t_last, step_last = "finished", float("nan"), time.perf_counter(), self.step
+        loss_sum = 0.0  # the logged loss is the mean over the steps since the last log line
         self.model.train()
         try:
             while self.step < tc.steps:
                 loss, grad_norm = self._train_step(loader)
+                loss_sum += loss
                 if bar is not None:
                     bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
                     now = time.perf_counter()
                     speed = (self.step - step_last) * self.images_per_step / max(now - t_last, 1e-9)
-                    t_last, step_last = now, self.step
                     lr = self.optimizer.param_groups[0]["lr"]
+                    mean_loss = loss_sum / (self.step - step_last)
+                    t_last, step_last, loss_sum = now, self.step, 0.0
                     if bar is not None:
-                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
                     if self.dist.is_main:
-                        self._log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                   "samples_per_s": speed, "time": time.time()})
+                        self._log({"step": self.step, "loss": mean_loss, "last_loss": loss, "lr": lr,
+                                   "grad_norm": grad_norm, "samples_per_s": speed,
+                                   "time": time.time()})
                 if tc.sample_every and self.step % tc.sample_every == 0 and self.dist.is_main:
                     self.sample_grid()
                 keep = bool(tc.keep_every) and self.step % tc.keep_every == 0
