@@ -19,8 +19,15 @@ __all__ = ["main", "build_parser"]
 EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, except where the help text already says where it comes from."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not quiet and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--method", default=None,
                     help="euler | midpoint | heun | rk4 | dopri5 (default: the run's sample.method)")
     sa.add_argument("--grid", default=None, help="time grid: uniform | shifted (default: the run's)")
-    sa.add_argument("--grid-shift", type=float, default=None, help="shift for --grid shifted")
+    sa.add_argument("--grid-shift", type=float, default=None, help="shift for --grid shifted (default: the run's sample.grid_shift)")
     sa.add_argument("--out", default="samples.png", help="output: grid .png, .npy, or a folder")
     sa.add_argument("--seed", type=int, default=0, help="sample i uses noise seeded by (seed, i)")
     sa.add_argument("--batch-size", type=int, default=256, help="samples per forward batch")

@@ -40,6 +40,7 @@ __all__ = [
     "TrainConfig",
     "SampleConfig",
     "load_config",
+    "load_dataclass",
     "config_from_dict",
     "config_to_dict",
     "apply_overrides",
@@ -463,20 +464,34 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _read_yaml(path: str | Path | None) -> dict:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(p)!r}: the top level must be a mapping")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML experiment file (or start from defaults), apply overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(p)!r}: the top level must be a mapping")
-    return config_from_dict(apply_overrides(raw, overrides or []))
+    return config_from_dict(apply_overrides(_read_yaml(path), overrides or []))
+
+
+def load_dataclass(cls: type, path: str | Path | None, overrides: list[str] | None = None):
+    """Any schema dataclass (e.g. a VAE fine-tuning config) from YAML + overrides, strictly.
+
+    Unknown keys and wrong types raise :class:`ConfigError` naming the dotted key, exactly as for
+    :class:`Config`; checks of impossible values are the caller's (``__post_init__`` is a good place,
+    raising ``ConfigError``).
+    """
+    return _build(cls, apply_overrides(_read_yaml(path), overrides or []), "")
 
 
 def dump_config(cfg: Config) -> str:
