@@ -189,12 +189,18 @@ def _cmd_info(args) -> int:
     from flowmatch.training import build_model_from_config
 
     cfg = load_config(args.config, args.overrides)
-    ds = build_dataset(cfg.data.kind, **cfg.data.params)
-    model = build_model_from_config(cfg, tuple(ds.data_shape), int(ds.num_classes))
+    if cfg.data.shape and not cfg.model.class_cond:
+        # The config states the item shape: no need to open the data (it may not exist here).
+        data_shape, num_classes = tuple(cfg.data.shape), 0
+        data_line = f"{cfg.data.kind}, items of shape {data_shape} (from data.shape; data not read)"
+    else:
+        ds = build_dataset(cfg.data.kind, **cfg.data.params)
+        data_shape, num_classes = tuple(ds.data_shape), int(ds.num_classes)
+        data_line = f"{cfg.data.kind}, {len(ds)} items of shape {data_shape}, {num_classes} classes"
+    model = build_model_from_config(cfg, data_shape, num_classes)
     total = count_parameters(model)
     print(f"experiment: {cfg.name}")
-    print(f"data:       {cfg.data.kind}, {len(ds)} items of shape {tuple(ds.data_shape)}, "
-          f"{ds.num_classes} classes")
+    print(f"data:       {data_line}")
     print(f"model:      {cfg.model.arch} {cfg.model.params}")
     print(f"path:       {cfg.path.scheduler} {cfg.path.params}")
     print("parameters by top-level module:")

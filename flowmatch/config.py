@@ -63,6 +63,9 @@ class DataConfig:
 
     kind: str = "digits"  # toy2d | digits | folder | (latent stores come later)
     hflip: bool = False  # random horizontal flips, drawn per sample from the step's seed (images only)
+    # Expected shape of one item, e.g. [4, 32, 32]; [] = whatever the data gives. When set, training
+    # checks the data against it before starting, and `flowmatch info` needs no data on disk.
+    shape: list[int] = field(default_factory=list)
     params: dict = field(default_factory=dict)
 
     _tag = "kind"
@@ -387,6 +390,13 @@ def _validate(cfg: Config) -> None:
     if t.label_dropout > 0:
         need(cfg.model.class_cond, "train.label_dropout", "needs model.class_cond: true")
     # Constructing the pieces surfaces impossible combinations (e.g. a bad sigma_min) now.
+    cfg_cls = _registry("model")[cfg.model.arch]
+    try:
+        cfg_cls(**cfg.model.params)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None
+    need(len(cfg.data.shape) in (0, 1, 3) and all(d >= 1 for d in cfg.data.shape), "data.shape",
+         "must be [] (taken from the data), [D] for vectors or [C, H, W] for images")
     from flowmatch.paths import build_path
     from flowmatch.time_samplers import build_time_sampler
 

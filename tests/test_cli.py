@@ -135,3 +135,13 @@ def test_ctrl_c_in_a_real_process_writes_checkpoint_and_exits_130(tmp_path):
 
     state = load_checkpoint(run / "checkpoints" / "latest.pt")
     assert 3 <= state["step"] < 100000
+
+
+@pytest.mark.parametrize("config, count, short", [
+    ("celebahq_dit.yaml", "38,746,640", "38.75M"),
+    ("celebahq_dit_b.yaml", "129,534,736", "129.53M"),
+])
+def test_info_of_the_users_dit_configs_needs_no_data(config, count, short, capsys):
+    assert main(["info", str(ROOT / "configs" / config)]) == 0
+    out = capsys.readouterr().out
+    assert f"trainable parameters: {count} ({short})" in out and "data not read" in out

@@ -119,3 +119,10 @@ def test_missing_and_invalid_files(tmp_path):
 
 def test_run_dir_default():
     assert Config(name="abc").run_dir == Path("runs/abc")
+
+
+def test_model_values_are_checked_at_load_time():
+    with pytest.raises(ConfigError, match=r"^model: .*pos_embed"):
+        config_from_dict({"model": {"arch": "dit", "pos_embed": "abs"}})
+    with pytest.raises(ConfigError, match=r"^data\.shape"):
+        config_from_dict({"data": {"kind": "digits", "shape": [1, 16]}})

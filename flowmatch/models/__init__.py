@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from flowmatch.models.dit import DIT_PRESETS, DiT, DiTConfig
 from flowmatch.models.mlp import MLP, MLPConfig
 from flowmatch.models.unet import UNet, UNetConfig
 
@@ -21,6 +22,9 @@ __all__ = [
     "MODEL_REGISTRY",
     "build_model",
     "count_parameters",
+    "DiT",
+    "DiTConfig",
+    "DIT_PRESETS",
     "MLP",
     "MLPConfig",
     "UNet",
@@ -32,6 +36,7 @@ __all__ = [
 MODEL_REGISTRY: dict[str, tuple[type, type]] = {
     "mlp": (MLPConfig, MLP),
     "unet": (UNetConfig, UNet),
+    "dit": (DiTConfig, DiT),
 }
 
 

@@ -1,8 +1,9 @@
 """Reusable building blocks shared by the networks in :mod:`flowmatch.models`.
 
-Everything here is architecture-agnostic, so the MLP, the U-Net and (later) the DiT use the same
-time embedding, the same class embedding with its classifier-free-guidance "null" row, and the same
-attention over tokens.
+Everything here is architecture-agnostic, so the MLP, the U-Net and the DiT use the same time
+embedding, the same class embedding with its classifier-free-guidance "null" row, and the same
+attention over tokens; the transformer pieces (norms, feed-forward layers, 2-D positional encodings:
+a fixed sin-cos table and rotary embeddings) live here too, so another token model can reuse them.
 
 Time convention: ``t = 0`` is noise, ``t = 1`` is data, and a model receives ``t`` as a float in
 ``[0, 1]`` -- never an integer diffusion step.
@@ -20,6 +21,14 @@ __all__ = [
     "timestep_embedding",
     "TimestepEmbedder",
     "LabelEmbedder",
+    "RMSNorm",
+    "make_norm",
+    "GeluFeedForward",
+    "SwiGLUFeedForward",
+    "sincos_pos_embed_2d",
+    "rope_2d_angles",
+    "apply_rope",
+    "RotaryEmbedding2D",
     "Attention",
     "broadcast_time",
     "check_data_shape",
@@ -163,6 +172,209 @@ class LabelEmbedder(nn.Module):
 
 
 #################################################################################
+#                      Normalisation and feed-forward layers                    #
+#################################################################################
+
+
+def _rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis, for torch without ``F.rms_norm``."""
+    xf = x.float()
+    out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return out * weight if weight is not None else out
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last axis: ``x / sqrt(mean(x^2) + eps) (* weight)``.
+
+    Unlike LayerNorm it does not subtract the mean (and has no bias), which saves a reduction.
+
+    Args:
+        dim: size of the last axis.
+        eps: added to the mean square.
+        elementwise_affine: learn a per-channel gain ``weight`` (initialised to 1).
+
+    Shapes: ``(..., dim) -> (..., dim)``.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True):
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(F, "rms_norm"):  # torch >= 2.4: one fused kernel
+            return F.rms_norm(x, (self.dim,), self.weight, self.eps)
+        return _rms_norm_reference(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}"
+
+
+#: Names accepted by :func:`make_norm`.
+NORMS = ("layernorm", "rmsnorm")
+
+
+def make_norm(kind: str, dim: int, elementwise_affine: bool = True, eps: float = 1e-6) -> nn.Module:
+    """``"layernorm"`` -> ``nn.LayerNorm``, ``"rmsnorm"`` -> :class:`RMSNorm`, over a last axis of ``dim``.
+
+    Raises:
+        ValueError: unknown ``kind`` (the message lists the valid names).
+    """
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps, elementwise_affine=elementwise_affine)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps=eps, elementwise_affine=elementwise_affine)
+    raise ValueError(f"unknown norm {kind!r}; valid names: {list(NORMS)}")
+
+
+class GeluFeedForward(nn.Module):
+    """``fc2(GELU_tanh(fc1(x)))``: the transformer MLP of ViT / DiT (tanh-approximated GELU, as DiT).
+
+    Shapes: ``(..., dim) -> (..., dim)`` through a hidden width ``hidden``.
+    """
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # (..., dim)
+
+
+class SwiGLUFeedForward(nn.Module):
+    """Gated MLP ``fc2(SiLU(a) * b)`` with ``[a, b] = fc1(x)`` (Shazeer 2020, "GLU Variants").
+
+    The gate ``a`` and value ``b`` come from one fused Linear of width ``2 * hidden`` (one matmul
+    instead of two). With three weight matrices instead of two, ``hidden`` is usually about 2/3 of
+    a GELU MLP's width to keep the parameter count comparable.
+
+    Shapes: ``(..., dim) -> (..., dim)``.
+    """
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc1(x).chunk(2, dim=-1)  # 2 x (..., hidden)
+        return self.fc2(F.silu(a) * b)  # (..., dim)
+
+
+#################################################################################
+#                     2-D positional encodings for image tokens                 #
+#################################################################################
+
+
+def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """``[sin(pos * w_0..w_{dim/2-1}), cos(pos * w_0..)]`` with ``w_k = 10000 ** (-k / (dim/2))``:
+    ``(M,) -> (M, dim)``, computed in float64 (the table is built once)."""
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))  # (dim/2,)
+    out = pos.double()[:, None] * omega[None, :]  # (M, dim/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, dim)
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position table of MAE / DiT, for tokens in row-major order.
+
+    Token ``n = i * grid_w + j`` (row ``i``, column ``j``) gets
+    ``[sin(j w), cos(j w), sin(i w), cos(i w)]``, each block of width ``dim / 4`` and
+    ``w_k = 10000 ** (-k / (dim / 4))``. The first half encodes the *column*: the reference builds its
+    grid with ``np.meshgrid(grid_w, grid_h)``, which puts the w coordinate first, and we keep that
+    layout so DiT checkpoints load unchanged.
+
+    Returns:
+        ``(grid_h * grid_w, dim)`` float32.
+
+    Raises:
+        ValueError: ``dim`` not divisible by 4.
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos position table needs a width divisible by 4, got {dim}")
+    rows = torch.arange(grid_h).repeat_interleave(grid_w)  # (N,) i of token n
+    cols = torch.arange(grid_w).repeat(grid_h)  # (N,) j of token n
+    emb = torch.cat([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], dim=1)  # (N, dim)
+    return emb.float()
+
+
+def rope_2d_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Rotation angles of a 2-D rotary position embedding (RoPE), one per channel pair of a head.
+
+    Channels ``(2m, 2m+1)`` of q and k form a complex number that is rotated by angle ``a_m``.
+    The head is split into halves: channels ``0 .. head_dim/2 - 1`` (pairs ``m < head_dim/4``)
+    rotate with the row coordinate, the rest with the column coordinate, each half with frequencies
+    ``w_m = theta ** (-m / (head_dim/4))``, ``m = 0 .. head_dim/4 - 1``. Rotating q at position ``a``
+    and k at ``b`` turns every pair's term of ``q . k`` into a function of ``a - b``, so attention
+    scores depend only on 2-D offsets.
+
+    Args:
+        positions: ``(N, 2)`` (row, column) of each token; floats allowed.
+        head_dim: width of one attention head; divisible by 4.
+        theta: base of the frequencies (the slowest period is ``~2 pi theta``).
+
+    Returns:
+        ``(N, head_dim / 2)`` float32: ``[row * w_0 .. row * w_{hd/4-1}, col * w_0 .. col * w_{hd/4-1}]``.
+
+    Raises:
+        ValueError: ``head_dim`` not divisible by 4.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs a head width divisible by 4, got head_dim={head_dim}")
+    quarter = head_dim // 4
+    freqs = theta ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (hd/4,)
+    pos = positions.to(torch.float64)  # (N, 2)
+    angles = torch.cat([pos[:, :1] * freqs, pos[:, 1:] * freqs], dim=1)  # (N, hd/2) rows | cols
+    return angles.float()
+
+
+def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair ``(x_2m, x_2m+1)`` of ``x`` by the unit complex number ``freqs_cis[m]``.
+
+    ``out_2m + i out_2m+1 = (x_2m + i x_2m+1) * exp(i a_m)``: one complex multiply, computed in
+    float32 (or float64) and returned in ``x.dtype``. Norms are preserved.
+
+    Args:
+        x: ``(..., head_dim)`` real.
+        freqs_cis: complex ``exp(i angles)``, broadcastable to ``(..., head_dim / 2)`` (e.g.
+            ``(N, 1, head_dim/2)`` against ``x (B, N, heads, head_dim)``).
+
+    Returns:
+        a tensor shaped like ``x``.
+    """
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):
+        xf = xf.contiguous()  # view_as_complex needs (re, im) adjacent and pair-aligned strides
+    xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # (..., hd/2) complex
+    return torch.view_as_real(xc * freqs_cis).flatten(-2).to(x.dtype)  # (..., hd)
+
+
+class RotaryEmbedding2D(nn.Module):
+    """The 2-D RoPE table of a ``grid_h x grid_w`` token grid (row-major token order).
+
+    The table is a non-persistent buffer: it follows ``.to(device)``, but is not a parameter and is
+    not saved in ``state_dict`` (it is a function of the shape, rebuilt at construction). It is
+    stored as real ``(cos, sin)`` pairs, because ``module.to(torch.bfloat16)`` would drop the
+    imaginary part of a complex buffer; :meth:`forward` returns the complex ``freqs_cis`` that
+    :class:`Attention` takes.
+
+    Shapes: ``forward() -> (grid_h * grid_w, head_dim / 2)`` complex64.
+    """
+
+    def __init__(self, head_dim: int, grid_h: int, grid_w: int, theta: float = 10000.0):
+        super().__init__()
+        rows = torch.arange(grid_h).repeat_interleave(grid_w)  # (N,)
+        cols = torch.arange(grid_w).repeat(grid_h)  # (N,)
+        angles = rope_2d_angles(torch.stack([rows, cols], dim=1), head_dim, theta)  # (N, hd/2)
+        cos_sin = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)  # (N, hd/2, 2)
+        self.register_buffer("cos_sin", cos_sin, persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        return torch.view_as_complex(self.cos_sin.float())  # (N, hd/2) complex64
+
+
+#################################################################################
 #                          Multi-head self-attention                            #
 #################################################################################
 
@@ -174,16 +386,29 @@ class Attention(nn.Module):
     channel axis, and attention mixes *tokens* (axis 1 of the input). Callers with images flatten
     ``(B, C, H, W)`` to ``(B, H*W, C)`` first.
 
+    Optional, both off by default: ``qk_norm`` normalises q and k per head over ``head_dim`` (with a
+    learned gain; it bounds the attention logits, which keeps large or low-precision models stable),
+    and ``forward(x, rope=freqs_cis)`` rotates q and k -- never v, never the token embeddings -- with
+    a rotary position embedding (applied after the norm).
+
     Args:
         dim: token width; must be divisible by ``num_heads``.
         num_heads: number of heads, each of width ``dim // num_heads``.
         qkv_bias: bias in the fused qkv projection.
         dropout: dropout on the attention weights, active only in training mode.
+        qk_norm: ``None`` (off), ``"layernorm"`` or ``"rmsnorm"``.
 
     Shapes: ``(B, N, dim) -> (B, N, dim)``.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        dropout: float = 0.0,
+        qk_norm: str | None = None,
+    ):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
@@ -191,13 +416,28 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        if qk_norm is not None:
+            self.q_norm = make_norm(qk_norm, self.head_dim)
+            self.k_norm = make_norm(qk_norm, self.head_dim)
+        else:
+            self.q_norm = self.k_norm = None
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """``x (B, N, dim)``; ``rope``: None, or complex ``freqs_cis (N, head_dim / 2)`` (see
+        :class:`RotaryEmbedding2D`) to rotate q and k by their tokens' positions."""
         B, N, C = x.shape
-        qkv = self.qkv(x)  # (B, N, 3 * C)
-        qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, heads, head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, heads, head_dim)
+        if self.q_norm is None and rope is None:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim)
+        else:
+            q, k, v = qkv.unbind(2)  # 3 x (B, N, heads, head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)  # 2 x (B, N, heads, head_dim)
+            if rope is not None:
+                freqs_cis = rope[:, None]  # (N, 1, head_dim / 2) complex
+                q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)  # 2 x (B, N, heads, head_dim)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # 3 x (B, heads, N, hd)
         dropout_p = self.dropout if self.training else 0.0
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, heads, N, head_dim)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)

@@ -175,6 +175,9 @@ class Trainer:
         self.dataset = build_dataset(cfg.data.kind, **cfg.data.params)
         self.data_shape = tuple(self.dataset.data_shape)
         self.num_classes = int(self.dataset.num_classes)
+        if cfg.data.shape and tuple(cfg.data.shape) != self.data_shape:
+            raise ConfigError(f"data.shape: the config expects items of shape {tuple(cfg.data.shape)}, "
+                              f"the data set gives {self.data_shape}")
         if cfg.data.hflip and len(self.data_shape) != 3:
             raise ConfigError("data.hflip: horizontal flips need image data (C, H, W)")
         self.global_batch = tc.batch_size * self.dist.world_size
