@@ -3,6 +3,9 @@
     flowmatch train CONFIG [key=value ...] [--dry-run] [--no-resume]
     flowmatch sample RUN_DIR_OR_CHECKPOINT [--n N] [--steps K] [--method heun] [--out grid.png]
     flowmatch info CONFIG [key=value ...]
+    flowmatch encode-latents --vae ID_OR_DIR --images DIR --out STORE [--flip]
+    flowmatch finetune-vae CONFIG [key=value ...]
+    flowmatch recon --vae DIR --images DIR [--out recon.png]
 
 Exit codes: 0 success, 1 training stopped by a non-finite loss, 2 bad input (config, checkpoint,
 data), 130 interrupted by Ctrl-C after writing a checkpoint.
@@ -73,6 +76,55 @@ def build_parser() -> argparse.ArgumentParser:
                          "through the classes)")
     sa.add_argument("--no-ema", action="store_true", help="use the raw training weights")
     sa.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+    sa.add_argument("--vae", default=None,
+                    help="latent models: load the decoding VAE from here instead of the recorded "
+                         "source (the recorded latent normalisation is always used)")
+
+    en = sub.add_parser("encode-latents", formatter_class=_Formatter,
+                        help="encode an image folder once with a frozen VAE into a latent store",
+                        description="Encode every image of a folder (flat, or one sub-folder per "
+                                    "class) with an AutoencoderKL into a memory-mapped latent store "
+                                    "that `data: {kind: latents, path: STORE}` trains on. Re-running "
+                                    "resumes a half-written store. Works under torchrun (ranks "
+                                    "split the images).")
+    en.add_argument("--vae", required=True,
+                    help="VAE: a Hugging Face Hub id (e.g. stabilityai/sd-vae-ft-ema) or a local "
+                         "folder written by save_pretrained")
+    en.add_argument("--vae-subfolder", default=None, help="sub-folder of --vae holding the VAE")
+    en.add_argument("--images", required=True, help="image folder")
+    en.add_argument("--out", required=True, help="store folder to write")
+    en.add_argument("--image-size", type=int, default=256, help="square size images are resized/cropped to")
+    en.add_argument("--flip", action="store_true", help="also store a horizontally flipped copy of every image")
+    en.add_argument("--batch-size", type=int, default=16, help="images per VAE batch")
+    en.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage precision")
+    en.add_argument("--store-posterior", action="store_true",
+                    help="also store the posterior std, so training can draw a fresh latent each time "
+                         "(data.sample_posterior: true)")
+    en.add_argument("--overwrite", action="store_true", help="replace an existing store made from other settings")
+    en.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding images")
+    en.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    en.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    fv = sub.add_parser("finetune-vae", formatter_class=_Formatter,
+                        help="fine-tune an AutoencoderKL's decoder on your images",
+                        description="Fine-tune a VAE (reconstruction + KL + perceptual loss, EMA, "
+                                    "resumable checkpoints); the result is saved with save_pretrained "
+                                    "in OUT_DIR/vae and loads back with --vae OUT_DIR/vae.")
+    fv.add_argument("config", help="YAML file (see configs/vae_finetune.yaml)")
+    fv.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. steps=200")
+    fv.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    fv.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    rc = sub.add_parser("recon", formatter_class=_Formatter,
+                        help="encode and decode images with a VAE: comparison grid and PSNR")
+    rc.add_argument("--vae", required=True, help="Hub id or local VAE folder")
+    rc.add_argument("--vae-subfolder", default=None, help="sub-folder of --vae holding the VAE")
+    rc.add_argument("--images", required=True, help="image folder")
+    rc.add_argument("--out", default="recon.png", help="comparison grid PNG (originals on top)")
+    rc.add_argument("--n", type=int, default=16, help="number of images")
+    rc.add_argument("--image-size", type=int, default=256, help="square size images are resized/cropped to")
+    rc.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
     inf = sub.add_parser("info", help="summarise the model a config builds (exact parameter count)",
                          formatter_class=_Formatter)
@@ -159,6 +211,13 @@ def _cmd_sample(args) -> int:
     x = torch.cat(chunks)
 
     out = Path(args.out)
+    latent = state.get("latent")
+    if latent and out.suffix != ".npy":
+        from flowmatch.training import load_autoencoder_for
+
+        autoencoder = load_autoencoder_for(latent, device=device, vae=args.vae)
+        x = autoencoder.decode(x.to(device), batch_size=args.batch_size).cpu()  # (n, 3, H, W)
+        data_shape = tuple(x.shape[1:])
     if out.suffix == ".npy":
         out.parent.mkdir(parents=True, exist_ok=True)
         np.save(out, x.numpy())
@@ -179,6 +238,58 @@ def _cmd_sample(args) -> int:
     else:
         raise ConfigError(f"--out: unsupported suffix {out.suffix!r} (use .png, .npy, or a folder)")
     print(f"wrote {args.n} samples to {out} ({method}, {steps} steps, NFE {nfe} per sample)")
+    return EXIT_OK
+
+
+def _cmd_encode_latents(args) -> int:
+    from flowmatch import distributed
+    from flowmatch.autoencoder import Autoencoder
+    from flowmatch.data.latents import encode_to_store
+
+    info, device = distributed.init(args.device)
+    try:
+        autoencoder = Autoencoder.load(args.vae, subfolder=args.vae_subfolder, device=device)
+        path = encode_to_store(autoencoder, args.images, args.out, image_size=args.image_size,
+                               batch_size=args.batch_size, flip=args.flip, dtype=args.dtype,
+                               store_posterior=args.store_posterior, overwrite=args.overwrite,
+                               progress=not args.no_progress and info.is_main, rank=info.rank,
+                               world_size=info.world_size, num_workers=args.num_workers)
+    finally:
+        distributed.cleanup()
+    if info.is_main:
+        from flowmatch.data.latents import read_store_meta
+
+        meta = read_store_meta(path)
+        print(f"wrote {meta['count']} latents of shape {tuple(meta['shape'])} to {path} "
+              f"(channel mean {[round(v, 3) for v in meta['channel_mean']]}, "
+              f"std {[round(v, 3) for v in meta['channel_std']]})")
+    return EXIT_OK
+
+
+def _cmd_finetune_vae(args) -> int:
+    from flowmatch.config import config_to_dict, load_dataclass
+    from flowmatch.training.vae import VAEFinetuneConfig, finetune_vae
+
+    cfg = load_dataclass(VAEFinetuneConfig, args.config, args.overrides)
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return EXIT_OK
+    out = finetune_vae(cfg, progress=not args.no_progress)
+    print(f"fine-tuned VAE saved to {out}")
+    return EXIT_OK
+
+
+def _cmd_recon(args) -> int:
+    from flowmatch import distributed
+    from flowmatch.autoencoder import Autoencoder
+    from flowmatch.training.vae import reconstruct
+
+    _, device = distributed.init(args.device)
+    autoencoder = Autoencoder.load(args.vae, subfolder=args.vae_subfolder, device=device)
+    res = reconstruct(autoencoder, args.images, args.out, n=args.n, image_size=args.image_size)
+    print(f"PSNR {res['psnr']:.2f} dB over {res['n']} images; grid {args.out}")
     return EXIT_OK
 
 
@@ -220,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     from flowmatch.training import CheckpointError
 
     args = build_parser().parse_args(argv)
-    handlers = {"train": _cmd_train, "sample": _cmd_sample, "info": _cmd_info}
+    handlers = {"train": _cmd_train, "sample": _cmd_sample, "info": _cmd_info,
+                "encode-latents": _cmd_encode_latents, "finetune-vae": _cmd_finetune_vae,
+                "recon": _cmd_recon}
     try:
         return handlers[args.command](args)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:

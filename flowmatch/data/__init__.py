@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from flowmatch.data.digits import Digits
 from flowmatch.data.imagefolder import IMAGE_EXTENSIONS, ImageFolder
+from flowmatch.data.latents import LatentStore
 from flowmatch.data.toy2d import TOY2D_NAMES, Toy2D, sample_toy2d
 
 __all__ = [
@@ -22,13 +23,14 @@ __all__ = [
     "TOY2D_NAMES",
     "Digits",
     "ImageFolder",
+    "LatentStore",
     "Toy2D",
     "build_dataset",
     "sample_toy2d",
 ]
 
 # The explicit registry from a config's `kind` string to a constructor.
-DATASET_KINDS = {"toy2d": Toy2D, "digits": Digits, "folder": ImageFolder}
+DATASET_KINDS = {"toy2d": Toy2D, "digits": Digits, "folder": ImageFolder, "latents": LatentStore}
 
 
 def build_dataset(kind: str, **kwargs) -> Dataset:

@@ -9,6 +9,8 @@ from flowmatch.training.trainer import (
     Trainer,
     TrainResult,
     build_model_from_config,
+    latent_info,
+    load_autoencoder_for,
     model_from_checkpoint,
 )
 
@@ -22,6 +24,8 @@ __all__ = [
     "build_model_from_config",
     "ema_decay_from_halflife",
     "find_checkpoint",
+    "latent_info",
+    "load_autoencoder_for",
     "load_checkpoint",
     "lr_at",
     "model_from_checkpoint",

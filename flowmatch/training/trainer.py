@@ -45,6 +45,8 @@ __all__ = [
     "BatchStream",
     "build_model_from_config",
     "model_from_checkpoint",
+    "latent_info",
+    "load_autoencoder_for",
 ]
 
 # Distinct streams of randomness, so that e.g. the batch order never shares draws with the noise.
@@ -148,6 +150,24 @@ def _in_memory(dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None
 
 
+def latent_info(dataset) -> dict | None:
+    """What decoding a latent data set's samples needs: the VAE and the normalisation (or None)."""
+    if getattr(dataset, "kind", "") != "latent":
+        return None
+    return {"vae": dataset.vae_source, "normalization": dataset.normalization.to_dict(),
+            "image_size": int(dataset.image_size)}
+
+
+def load_autoencoder_for(latent: dict, device: str | torch.device = "cpu", vae: str | None = None):
+    """The frozen VAE that decodes a latent model's samples, with the normalisation it was trained
+    with (recorded in the checkpoint — never a different one). ``vae`` overrides where the VAE is
+    loaded from (e.g. the folder moved), not how latents are scaled."""
+    from flowmatch.autoencoder import Autoencoder, LatentNormalization
+
+    norm = LatentNormalization.from_dict(latent["normalization"])
+    return Autoencoder.load(vae or latent["vae"], normalization=norm, device=device)
+
+
 # ----------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------
@@ -178,10 +198,13 @@ class Trainer:
         if cfg.data.shape and tuple(cfg.data.shape) != self.data_shape:
             raise ConfigError(f"data.shape: the config expects items of shape {tuple(cfg.data.shape)}, "
                               f"the data set gives {self.data_shape}")
-        if cfg.data.hflip and len(self.data_shape) != 3:
-            raise ConfigError("data.hflip: horizontal flips need image data (C, H, W)")
+        if cfg.data.hflip and (len(self.data_shape) != 3 or getattr(self.dataset, "kind", "") == "latent"):
+            raise ConfigError("data.hflip: horizontal flips need pixel images (C, H, W); for latents "
+                              "store flipped copies instead (flowmatch encode-latents --flip)")
         self.global_batch = tc.batch_size * self.dist.world_size
         self.images_per_step = self.global_batch * tc.grad_accum
+        self.posterior = bool(getattr(self.dataset, "posterior", False))
+        self._autoencoder = None  # loaded on first use, to decode latent samples into images
         self.stream = BatchStream(len(self.dataset), self.global_batch, cfg.seed,
                                   self.dist.rank, self.dist.world_size)
         self.memory = _in_memory(self.dataset)
@@ -252,6 +275,7 @@ class Trainer:
             "num_classes": self.num_classes if self.cfg.model.class_cond else 0,
             "world_size": self.dist.world_size,
             "global_batch": self.images_per_step,
+            "latent": latent_info(self.dataset),
         }
 
     def save(self, keep: bool = False) -> None:
@@ -313,6 +337,12 @@ class Trainer:
         torch.manual_seed(sample_seed(self.cfg.seed * 1000 + _STREAM_STEP, k) + r)  # dropout masks
 
         x1 = x1.to(self.device, non_blocking=True).float()
+        if self.posterior:
+            # A latent store in posterior mode gives [mean, std] (both normalised): draw a fresh
+            # latent z = m + s * eps from this step's generator, so resume stays exact.
+            eps = torch.randn((G, *self.data_shape), generator=g)[r * B:(r + 1) * B]
+            mean, std = x1.chunk(2, dim=1)
+            x1 = torch.addcmul(mean, std, eps.to(self.device))
         if self.cfg.data.hflip:
             x1 = torch.where(flip.view(-1, 1, 1, 1).to(self.device), x1.flip(-1), x1)
         x0, t = x0.to(self.device), t.to(self.device)
@@ -377,9 +407,17 @@ class Trainer:
         out = generate(model, x0, y=y, method=sc.method, steps=sc.steps, grid=sc.grid,
                        grid_shift=sc.grid_shift, atol=sc.atol, rtol=sc.rtol).x.cpu()
         path = path or self.run_dir / "samples" / f"step_{self.step:07d}.png"
-        if len(self.data_shape) == 3:
+        if getattr(self.dataset, "kind", "") == "latent":
+            decoded = self._decode_latents(out)
+            if decoded is None:  # no VAE here: keep the latents themselves
+                path = path.with_suffix(".pt")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(out, path)
+                return path
+            out = decoded
+        if len(out.shape) == 4:
             nrow = self.num_classes if self.cfg.model.class_cond and self.num_classes <= 16 else None
-            upscale = max(1, 128 // self.data_shape[-1])
+            upscale = max(1, 128 // out.shape[-1])
             save_image_grid(out, path, nrow=nrow, upscale=upscale)
         elif self.data_shape == (2,):
             ref = self.memory[0][: len(out)] if self.memory is not None else None
@@ -389,6 +427,19 @@ class Trainer:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(out, path)
         return path
+
+    def _decode_latents(self, z: torch.Tensor) -> torch.Tensor | None:
+        """Images for latent samples through the store's VAE; None (with one warning) if unavailable."""
+        if self._autoencoder is None:
+            try:
+                self._autoencoder = load_autoencoder_for(latent_info(self.dataset), device=self.device)
+            except (ImportError, OSError, RuntimeError, ValueError) as e:
+                distributed.print0(f"warning: cannot load the VAE {self.dataset.vae_source!r} to "
+                                   f"decode sample grids ({e}); saving latents instead")
+                self._autoencoder = False
+        if self._autoencoder is False:
+            return None
+        return self._autoencoder.decode(z.to(self.device), batch_size=16).cpu()
 
     def _log(self, record: dict) -> None:
         self.history.append(record)

@@ -1,0 +1,336 @@
+"""The latent store: writing (flips, dtypes, resume, refusal, 2 processes) and reading it back."""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flowmatch.autoencoder import Autoencoder
+from flowmatch.data import DATASET_KINDS, ImageFolder, LatentStore, build_dataset
+from flowmatch.data.latents import FORMAT, encode_to_store, read_store_meta
+
+pytest.importorskip("diffusers")
+TESTS = Path(__file__).resolve().parents[1]
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+from vae_fixtures import PoolingAutoencoder, make_images, make_tiny_vae
+
+N_IMAGES = 6
+SIZE = 32  # images; latents are 4 x 16 x 16
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("latents")
+    vae_dir = make_tiny_vae(root / "vae")
+    images = root / "images"
+    make_images(images, n=N_IMAGES, classes=("cat", "dog"))
+    return root, Autoencoder.load(vae_dir), images
+
+
+@pytest.fixture(scope="module")
+def store32(setup):
+    """A float32 store with the posterior std: the reference for the other tests."""
+    root, ae, images = setup
+    return encode_to_store(ae, images, root / "store32", image_size=SIZE, batch_size=4,
+                           dtype="float32", store_posterior=True, progress=False)
+
+
+class _Counting:
+    """An Autoencoder stand-in counting encoder calls, and raising on call number ``fail_at``."""
+
+    def __init__(self, ae, fail_at=None):
+        self.ae, self.fail_at, self.calls = ae, fail_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.ae, name)
+
+    def encode_moments(self, x):
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise RuntimeError("simulated crash")
+        return self.ae.encode_moments(x)
+
+
+def _folder_images(images, size=SIZE):
+    ds = ImageFolder(images, size)
+    return torch.stack([ds[i][0] for i in range(len(ds))]), [ds[i][1] for i in range(len(ds))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+
+def test_store_round_trip_with_class_labels(setup, store32):
+    _, ae, images = setup
+    meta = read_store_meta(store32)
+    assert meta["format"] == FORMAT and meta["complete"] and meta["written"] == meta["count"] == 6
+    assert meta["shape"] == [4, 16, 16] and meta["dtype"] == "float32" and meta["has_std"]
+    assert meta["classes"] == ["cat", "dog"] and meta["flip"] is False
+    assert meta["vae"] == ae.source and meta["image_size"] == SIZE
+    assert (meta["vae_scaling_factor"], meta["vae_shift_factor"]) == (0.5, 0.1)
+    assert len(meta["sources_digest"]) == 64
+
+    store = LatentStore(store32, normalization="scaling")
+    assert len(store) == 6 and store.data_shape == (4, 16, 16) and store.kind == "latent"
+    assert store.num_classes == 2 and store.vae_source == ae.source and not store.posterior
+    x, labels = _folder_images(images)
+    mean, _ = ae.encode_moments(x)
+    for i in range(len(store)):
+        z, y = store[i]
+        assert z.dtype == torch.float32 and z.shape == (4, 16, 16)
+        assert y == labels[i]
+        assert torch.allclose(z, (mean[i] - 0.1) * 0.5, atol=1e-5)  # the VAE's scaling
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1]
+
+
+def test_channel_stats_whiten_the_store(store32):
+    raw = np.load(store32 / "latents.npy").astype(np.float64)
+    meta = read_store_meta(store32)
+    assert np.allclose(meta["channel_mean"], raw.mean(axis=(0, 2, 3)), atol=1e-10)
+    assert np.allclose(meta["channel_std"], raw.std(axis=(0, 2, 3)), atol=1e-10)
+    store = LatentStore(store32)  # "channel" by default
+    assert store.normalization.kind == "channel"
+    z = torch.stack([store[i][0] for i in range(len(store))]).double()
+    assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(4, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(z.std(dim=(0, 2, 3), unbiased=False), torch.ones(4, dtype=torch.float64),
+                          atol=1e-5)
+
+
+def test_flip_doubles_the_store_interleaved(setup, store32, tmp_path):
+    _, ae, images = setup
+    out = encode_to_store(ae, images, tmp_path / "flip", image_size=SIZE, batch_size=4, flip=True,
+                          dtype="float32", progress=False)
+    meta = read_store_meta(out)
+    assert meta["count"] == 12 and meta["flip"] is True
+    flipped = np.load(out / "latents.npy")
+    plain = np.load(store32 / "latents.npy")
+    assert np.allclose(flipped[0::2], plain, atol=1e-5)  # item 2i: image i as it is
+    x, labels = _folder_images(images)
+    mirror, _ = ae.encode_moments(x.flip(-1))
+    assert np.allclose(flipped[1::2], mirror.numpy(), atol=1e-5)  # item 2i+1: its mirror
+    assert not np.allclose(flipped[0::2], flipped[1::2], atol=1e-3)
+    store = LatentStore(out)
+    assert [store[i][1] for i in range(12)] == [y for y in labels for _ in range(2)]
+
+
+def test_float16_store_matches_float32(setup, store32, tmp_path):
+    _, ae, images = setup
+    out = encode_to_store(ae, images, tmp_path / "half", image_size=SIZE, batch_size=4,
+                          dtype="float16", progress=False)
+    half = np.load(out / "latents.npy")
+    assert half.dtype == np.float16
+    assert np.allclose(half.astype(np.float32), np.load(store32 / "latents.npy"), rtol=1e-3,
+                       atol=1e-3)
+    assert not (out / "latents_std.npy").exists() and not read_store_meta(out)["has_std"]
+
+
+def test_interrupted_write_resumes_to_the_same_store(setup, store32, tmp_path):
+    _, ae, images = setup
+    out = tmp_path / "resumed"
+    kwargs = {"image_size": SIZE, "batch_size": 2, "dtype": "float32", "store_posterior": True,
+              "progress": False}
+    crashing = _Counting(ae, fail_at=3)  # batches of 2 images: crash in the third (last) one
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        encode_to_store(crashing, images, out, **kwargs)
+    meta = read_store_meta(out)
+    assert meta["written"] == 4 and not meta["complete"] and meta["channel_mean"] is None
+    with pytest.raises(ValueError, match="incomplete.*4 of 6.*again"):
+        LatentStore(out)
+
+    resuming = _Counting(ae)
+    encode_to_store(resuming, images, out, **kwargs)
+    assert resuming.calls == 1  # only the missing batch was encoded
+    meta = read_store_meta(out)
+    assert meta["complete"] and meta["written"] == 6
+    reference = encode_to_store(ae, images, tmp_path / "straight", **kwargs)
+    for name in ("latents.npy", "latents_std.npy", "labels.npy"):
+        assert np.array_equal(np.load(out / name), np.load(reference / name)), name
+    assert meta["channel_std"] == read_store_meta(reference)["channel_std"]
+    # A third run finds the store complete and encodes nothing.
+    again = _Counting(ae)
+    encode_to_store(again, images, out, **kwargs)
+    assert again.calls == 0
+
+
+def test_mismatched_rerun_refuses_naming_the_difference(setup, tmp_path):
+    _, ae, images = setup
+    out = tmp_path / "partial"
+    with pytest.raises(RuntimeError, match="simulated"):
+        encode_to_store(_Counting(ae, fail_at=2), images, out, image_size=SIZE, batch_size=2,
+                        progress=False)
+    with pytest.raises(ValueError, match=r"image_size: store has 32, this run has 64"):
+        encode_to_store(ae, images, out, image_size=64, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="flip"):
+        encode_to_store(ae, images, out, image_size=SIZE, batch_size=2, flip=True, progress=False)
+    # Same settings but another set of files.
+    (images / "dog" / "img_001.png").rename(images / "dog" / "renamed.png")
+    try:
+        with pytest.raises(ValueError, match="image files differ"):
+            encode_to_store(ae, images, out, image_size=SIZE, batch_size=2, progress=False)
+    finally:
+        (images / "dog" / "renamed.png").rename(images / "dog" / "img_001.png")
+    # overwrite=True starts over with the new settings.
+    encode_to_store(ae, images, out, image_size=64, batch_size=2, progress=False, overwrite=True)
+    assert read_store_meta(out)["shape"] == [4, 32, 32] and LatentStore(out).data_shape == (4, 32, 32)
+
+
+def test_bad_arguments(setup, tmp_path):
+    _, ae, images = setup
+    with pytest.raises(ValueError, match="dtype"):
+        encode_to_store(ae, images, tmp_path / "a", image_size=SIZE, dtype="bfloat16")
+    with pytest.raises(ValueError, match="multiple"):
+        encode_to_store(ae, images, tmp_path / "b", image_size=33, progress=False)
+    with pytest.raises(RuntimeError, match="process group"):
+        encode_to_store(ae, images, tmp_path / "c", image_size=SIZE, rank=1, world_size=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+
+def test_truncated_or_missing_files_are_detected(store32, tmp_path):
+    broken = shutil.copytree(store32, tmp_path / "broken")
+    size = (broken / "latents.npy").stat().st_size
+    with open(broken / "latents.npy", "r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(ValueError, match=rf"latents.npy.*{size - 100} bytes.*{size} expected"):
+        LatentStore(broken)
+    (broken / "latents.npy").unlink()
+    with pytest.raises(ValueError, match="latents.npy is missing"):
+        LatentStore(broken)
+    with pytest.raises(FileNotFoundError, match="not a latent store"):
+        LatentStore(tmp_path)
+    other = shutil.copytree(store32, tmp_path / "other")
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "shape": [4, 8, 8]}))
+    with pytest.raises(ValueError, match="shape"):
+        LatentStore(other)
+    (other / "meta.json").write_text(json.dumps({**meta, "format": "something-else"}))
+    with pytest.raises(ValueError, match="unknown format"):
+        LatentStore(other)
+
+
+def test_getitems_matches_getitem_and_dataloader(store32):
+    store = LatentStore(store32)
+    indices = [5, 0, 3, 3, -1, 2]  # unsorted, a duplicate and a negative index
+    batch = store.__getitems__(indices)
+    for (x, y), i in zip(batch, indices):
+        x_i, y_i = store[i]
+        assert torch.equal(x, x_i) and y == y_i
+    loader = torch.utils.data.DataLoader(store, batch_size=4, shuffle=False)
+    xs, ys = next(iter(loader))
+    assert xs.shape == (4, 4, 16, 16)
+    assert torch.equal(xs[2], store[2][0]) and ys.tolist() == [store[i][1] for i in range(4)]
+    with pytest.raises(IndexError):
+        store[6]
+    # DataLoader workers under "spawn" receive a pickled store: small, maps reopened on use.
+    blob = pickle.dumps(store)
+    assert len(blob) < 20_000 and torch.equal(pickle.loads(blob)[4][0], store[4][0])
+
+
+def test_posterior_mode_layout(setup, store32, tmp_path):
+    store = LatentStore(store32, sample_posterior=True)
+    assert store.posterior and store.data_shape == (4, 16, 16)
+    x, _ = store[1]
+    assert x.shape == (8, 16, 16)
+    mean = torch.from_numpy(np.load(store32 / "latents.npy")[1])
+    std = torch.from_numpy(np.load(store32 / "latents_std.npy")[1])
+    channel_std = torch.tensor(store.meta["channel_std"], dtype=torch.float32).view(4, 1, 1)
+    assert torch.allclose(x[:4], store.normalization.normalize(mean[None])[0], atol=1e-6)
+    assert torch.allclose(x[4:], std / channel_std, rtol=1e-5)  # std in normalised units
+    assert torch.equal(store.__getitems__([1])[0][0], x)
+    _, ae, images = setup
+    no_std = encode_to_store(ae, images, tmp_path / "nostd", image_size=SIZE, progress=False)
+    with pytest.raises(ValueError, match="store_posterior"):
+        LatentStore(no_std, sample_posterior=True)
+
+
+def test_registered_as_a_dataset_kind(store32):
+    assert DATASET_KINDS["latents"] is LatentStore
+    store = build_dataset("latents", path=str(store32), normalization="scaling")
+    assert store.normalization.kind == "scaling" and len(store) == 6
+
+
+def _fake_store(path: Path, n: int, shape=(4, 32, 32)) -> np.ndarray:
+    """A store written by hand from the documented format (random latents, no VAE)."""
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    data = np.lib.format.open_memmap(path / "latents.npy", mode="w+", dtype=np.float16,
+                                     shape=(n, *shape))
+    data[:] = rng.standard_normal((n, *shape)).astype(np.float16)
+    data.flush()
+    meta = {"format": FORMAT, "count": n, "shape": list(shape), "dtype": "float16", "vae": "none",
+            "vae_scaling_factor": 1.0, "vae_shift_factor": 0.0, "image_size": 64, "flip": False,
+            "channel_mean": [0.0] * shape[0], "channel_std": [1.0] * shape[0], "classes": [],
+            "has_std": False, "complete": True, "written": n, "sources_digest": ""}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return data
+
+
+def test_random_access_speed(tmp_path):
+    n, batch = 8192, 256
+    data = _fake_store(tmp_path / "big", n)
+    store = LatentStore(tmp_path / "big")
+    rng = np.random.default_rng(1)
+    batches = [rng.integers(0, n, batch).tolist() for _ in range(40)]
+    store.__getitems__(batches[0])  # open the maps
+    start = time.perf_counter()
+    for idx in batches:
+        items = store.__getitems__(idx)
+    rate = len(batches) * batch / (time.perf_counter() - start)
+    print(f"\nLatentStore random access: {rate:,.0f} latents/s (4x32x32 float16, batches of {batch})")
+    assert torch.equal(items[7][0], torch.from_numpy(data[batches[-1][7]].astype(np.float32)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes
+# ----------------------------------------------------------------------------------------------
+
+
+SCRIPT = """
+import sys
+from flowmatch import distributed
+from flowmatch.data.latents import encode_to_store
+from vae_fixtures import PoolingAutoencoder
+
+info, _ = distributed.init("cpu")
+encode_to_store(PoolingAutoencoder(), sys.argv[1], sys.argv[2], image_size=32, batch_size=2,
+                flip=True, dtype="float32", store_posterior=True, progress=False,
+                rank=info.rank, world_size=info.world_size)
+distributed.cleanup()
+"""
+
+
+def test_two_processes_write_one_store(setup, tmp_path):
+    # The stand-in encoder keeps diffusers out of the two subprocesses; the VAE itself is covered
+    # above, this is about the strided split and both ranks writing one memory map.
+    _, _, images = setup
+    script = tmp_path / "encode.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), str(images), str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    one = encode_to_store(PoolingAutoencoder(), images, tmp_path / "one", image_size=32,
+                          batch_size=4, flip=True, dtype="float32", store_posterior=True,
+                          progress=False)
+    two_meta, one_meta = read_store_meta(tmp_path / "two"), read_store_meta(one)
+    assert two_meta["complete"] and two_meta["written"] == 12
+    assert two_meta["sources_digest"] == one_meta["sources_digest"]
+    for name in ("latents.npy", "latents_std.npy", "labels.npy"):
+        assert np.array_equal(np.load(tmp_path / "two" / name), np.load(one / name)), name
+    assert two_meta["channel_std"] == one_meta["channel_std"]
