@@ -40,6 +40,11 @@ def test_train_resume_sample_end_to_end(tmp_path, capsys):
     assert "NFE 12" in capsys.readouterr().out
     assert main(["sample", str(run / "checkpoints" / "latest.pt"), "--n", "20",
                  "--out", str(tmp_path / "s.png")]) == 0
+    # The adaptive solver (torchdiffeq) reports its own NFE.
+    assert main(["sample", str(run), "--n", "8", "--method", "dopri5",
+                 "--out", str(tmp_path / "d.npy")]) == 0
+    assert "dopri5" in capsys.readouterr().out and np.isfinite(np.load(tmp_path / "d.npy")).all()
+    assert main(["sample", str(run), "--method", "rk45", "--out", str(tmp_path / "e.npy")]) == 2
     assert Image.open(tmp_path / "s.png").size[0] > 100
     # Same seed -> same samples, whatever the batch size.
     assert main(["sample", str(run), "--n", "37", "--steps", "3", "--method", "rk4",
