@@ -6,6 +6,7 @@
     flowmatch encode-latents --vae ID_OR_DIR --images DIR --out STORE [--flip]
     flowmatch finetune-vae CONFIG [key=value ...]
     flowmatch recon --vae DIR --images DIR [--out recon.png]
+    flowmatch eval fid --samples DIR --ref DIR_OR_NPZ [--extractor inception|digits]
 
 Exit codes: 0 success, 1 training stopped by a non-finite loss, 2 bad input (config, checkpoint,
 data), 130 interrupted by Ctrl-C after writing a checkpoint.
@@ -59,9 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Draw samples with an ODE solver from a checkpoint (EMA weights "
                                     "by default). --out decides the format: NAME.png writes a grid "
                                     "(a scatter plot for 2-D data), NAME.npy the raw array, and a "
-                                    "path without suffix a folder of PNGs named by sample index.")
+                                    "path without suffix a folder of PNGs named by sample index "
+                                    "(000042.png) with a manifest.json of the settings: re-running "
+                                    "fills in missing files only, and under torchrun the ranks "
+                                    "share the work; the files do not depend on the number of "
+                                    "processes or the batch size.")
     sa.add_argument("checkpoint", help="run directory (uses checkpoints/latest.pt) or checkpoint file")
-    sa.add_argument("--n", type=int, default=64, help="number of samples")
+    sa.add_argument("-n", "--n", type=int, default=64,
+                    help="number of samples (under torchrun write -n: torchrun's own parser rejects "
+                         "--n as an ambiguous abbreviation of its --nnodes/--nproc-per-node)")
     sa.add_argument("--steps", type=int, default=None,
                     help="solver steps (default: the run's sample.steps)")
     sa.add_argument("--method", default=None,
@@ -80,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--vae", default=None,
                     help="latent models: load the decoding VAE from here instead of the recorded "
                          "source (the recorded latent normalisation is always used)")
+    sa.add_argument("--no-progress", action="store_true", help="no progress bar (folder output)")
 
     en = sub.add_parser("encode-latents", formatter_class=_Formatter,
                         help="encode an image folder once with a frozen VAE into a latent store",
@@ -126,6 +134,26 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--image-size", type=int, default=256, help="square size images are resized/cropped to")
     rc.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
+    ev = sub.add_parser("eval", help="evaluate samples (FID)", formatter_class=_Formatter)
+    evsub = ev.add_subparsers(dest="eval_command", required=True, metavar="METRIC")
+    fid = evsub.add_parser("fid", formatter_class=_Formatter,
+                           help="FID (+ precision/recall) of a sample folder against reference images or stats",
+                           description="Frechet distance between the features of a folder of samples "
+                                       "and a reference (a folder of images, or a cached .npz of its "
+                                       "statistics). Writes SAMPLES/fid_<extractor>.json with the exact "
+                                       "settings (and the sampler's manifest when present).")
+    fid.add_argument("--samples", required=True, help="folder of sample PNGs")
+    fid.add_argument("--ref", required=True, help="reference image folder or .npz statistics file")
+    fid.add_argument("--extractor", default="inception",
+                     help="feature extractor: inception (needs torch-fidelity or pytorch-fid and its "
+                          "weights) | digits (a small digit classifier, see --classifier)")
+    fid.add_argument("--classifier", default=None,
+                     help="weights of the extractor; for digits, trained here first if the file does "
+                          "not exist yet")
+    fid.add_argument("--image-size", type=int, default=299, help="images are resized to this square")
+    fid.add_argument("--batch-size", type=int, default=256, help="images per feature batch")
+    fid.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
     inf = sub.add_parser("info", help="summarise the model a config builds (exact parameter count)",
                          formatter_class=_Formatter)
     inf.add_argument("config", help="experiment YAML file")
@@ -164,7 +192,7 @@ def _cmd_sample(args) -> int:
 
     from flowmatch import distributed
     from flowmatch.config import ConfigError
-    from flowmatch.imageio import save_image_grid, save_images, save_scatter
+    from flowmatch.imageio import save_image_grid, save_scatter
     from flowmatch.sampling import generate, seeded_noise
     from flowmatch.training import model_from_checkpoint
 
@@ -172,6 +200,21 @@ def _cmd_sample(args) -> int:
         raise ConfigError("--n: must be >= 1")
     if args.batch_size < 1:
         raise ConfigError("--batch-size: must be >= 1")
+    out = Path(args.out)
+    if out.suffix == "":  # a folder of PNGs: resumable, split over torchrun ranks
+        from flowmatch.evaluation import sample_to_folder
+
+        try:
+            r = sample_to_folder(args.checkpoint, out, n=args.n, seed=args.seed, method=args.method,
+                                 steps=args.steps, grid=args.grid, grid_shift=args.grid_shift,
+                                 batch_size=args.batch_size, label=args.label,
+                                 use_ema=not args.no_ema, vae=args.vae, device=args.device,
+                                 progress=not args.no_progress)
+        finally:
+            distributed.cleanup()
+        distributed.print0(f"wrote {r['written']} samples to {out} ({r['skipped']} already there, "
+                           f"{r['n']} in all; NFE {r['nfe']} per sample, {r['seconds']:.1f} s)")
+        return EXIT_OK
     _, device = distributed.init(args.device)
     model, cfg, state = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema, device=device)
     sc = cfg.sample
@@ -210,7 +253,6 @@ def _cmd_sample(args) -> int:
         nfe = max(nfe, res.nfe)
     x = torch.cat(chunks)
 
-    out = Path(args.out)
     latent = state.get("latent")
     if latent and out.suffix != ".npy":
         from flowmatch.training import load_autoencoder_for
@@ -230,11 +272,6 @@ def _cmd_sample(args) -> int:
         else:
             raise ConfigError(f"--out: a .png needs image or 2-D data; this model makes {data_shape}: "
                               "use .npy")
-    elif out.suffix == "":
-        if len(data_shape) != 3:
-            raise ConfigError(f"--out: a folder of PNGs needs image data; this model makes "
-                              f"{data_shape}: use .npy")
-        save_images(x, out)
     else:
         raise ConfigError(f"--out: unsupported suffix {out.suffix!r} (use .png, .npy, or a folder)")
     print(f"wrote {args.n} samples to {out} ({method}, {steps} steps, NFE {nfe} per sample)")
@@ -293,6 +330,29 @@ def _cmd_recon(args) -> int:
     return EXIT_OK
 
 
+def _cmd_eval(args) -> int:
+    import json
+
+    from flowmatch import distributed
+    from flowmatch.config import ConfigError
+    from flowmatch.evaluation.fid import eval_fid_main, train_digit_classifier
+
+    _, device = distributed.init(args.device)
+    if args.extractor == "digits":
+        if args.classifier is None:
+            raise ConfigError("--classifier: the digits extractor needs a weights file (it is trained "
+                              "there on the digits train split if it does not exist yet)")
+        if not Path(args.classifier).exists():
+            info = train_digit_classifier(args.classifier, image_size=args.image_size)
+            print(f"trained the digit classifier: test accuracy {info['test_accuracy']:.4f} "
+                  f"-> {args.classifier}")
+    res = eval_fid_main(args.samples, args.ref, args.extractor, args.image_size,
+                        classifier=args.classifier, batch_size=args.batch_size, device=device)
+    print(json.dumps({k: res[k] for k in ("fid", "precision", "recall", "n_samples", "n_reference",
+                                          "extractor") if k in res}))
+    return EXIT_OK
+
+
 def _cmd_info(args) -> int:
     from flowmatch.config import load_config
     from flowmatch.data import build_dataset
@@ -333,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": _cmd_train, "sample": _cmd_sample, "info": _cmd_info,
                 "encode-latents": _cmd_encode_latents, "finetune-vae": _cmd_finetune_vae,
-                "recon": _cmd_recon}
+                "recon": _cmd_recon, "eval": _cmd_eval}
     try:
         return handlers[args.command](args)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:

@@ -61,7 +61,7 @@ def test_sample_image_folder_and_grid(tmp_path):
     run = tmp_path / "run"
     assert main(["sample", str(run), "--n", "12", "--steps", "2", "--method", "euler",
                  "--out", str(tmp_path / "pngs"), "--class", "3"]) == 0
-    files = sorted(p.name for p in (tmp_path / "pngs").iterdir())
+    files = sorted(p.name for p in (tmp_path / "pngs").glob("*.png"))
     assert files[0] == "000000.png" and len(files) == 12
     assert Image.open(tmp_path / "pngs" / files[0]).size == (8, 8)
     assert main(["sample", str(run), "--n", "20", "--out", str(tmp_path / "g.png")]) == 0
@@ -150,3 +150,36 @@ def test_info_of_the_users_dit_configs_needs_no_data(config, count, short, capsy
     assert main(["info", str(ROOT / "configs" / config)]) == 0
     out = capsys.readouterr().out
     assert f"trainable parameters: {count} ({short})" in out and "data not read" in out
+
+
+def test_eval_fid_with_the_digit_classifier(tmp_path, capsys):
+    import json
+
+    from flowmatch.data import Digits
+    from flowmatch.evaluation.fid import train_digit_classifier
+    from flowmatch.imageio import save_images
+
+    clf = tmp_path / "clf.pt"
+    train_digit_classifier(clf, image_size=16, steps=60)
+    test = Digits(image_size=16, split="test")
+    save_images(test.images[:100], tmp_path / "a")
+    save_images(test.images[100:200], tmp_path / "b")
+    save_images(torch_noise(100), tmp_path / "noise")
+    base = ["eval", "fid", "--ref", str(tmp_path / "a"), "--extractor", "digits",
+            "--classifier", str(clf), "--image-size", "16", "--device", "cpu"]
+    assert main([*base, "--samples", str(tmp_path / "b")]) == 0
+    same = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fid"]
+    assert main([*base, "--samples", str(tmp_path / "noise")]) == 0
+    noise = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fid"]
+    assert noise > 10 * same
+    assert (tmp_path / "noise" / "fid_digits.json").is_file()
+    (tmp_path / "empty").mkdir()
+    assert main([*base, "--samples", str(tmp_path / "empty")]) == 2
+    assert main(["eval", "fid", "--samples", str(tmp_path / "b"), "--ref", str(tmp_path / "a"),
+                 "--extractor", "digits"]) == 2  # no --classifier
+
+
+def torch_noise(n):
+    import torch
+
+    return torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -59,7 +59,7 @@ def test_images_to_store_to_dit_to_decoded_pngs(assets, tmp_path, posterior, cap
     # flowmatch sample decodes with the recorded VAE and normalisation: 32x32 RGB PNGs.
     assert main(["sample", str(run), "--n", "3", "--steps", "2", "--method", "midpoint",
                  "--out", str(tmp_path / "pngs")]) == 0
-    files = sorted((tmp_path / "pngs").iterdir())
+    files = sorted((tmp_path / "pngs").glob("*.png"))
     assert len(files) == 3
     assert Image.open(files[0]).size == (32, 32) and Image.open(files[0]).mode == "RGB"
     # .npy keeps the model's own output: normalised latents.
