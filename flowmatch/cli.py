@@ -7,6 +7,7 @@
     flowmatch finetune-vae CONFIG [key=value ...]
     flowmatch recon --vae DIR --images DIR [--out recon.png]
     flowmatch eval fid --samples DIR --ref DIR_OR_NPZ [--extractor inception|digits]
+    flowmatch eval accuracy --samples DIR --classifier clf.pt [--image-size 16]
 
 Exit codes: 0 success, 1 training stopped by a non-finite loss, 2 bad input (config, checkpoint,
 data), 130 interrupted by Ctrl-C after writing a checkpoint.
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--image-size", type=int, default=256, help="square size images are resized/cropped to")
     rc.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
-    ev = sub.add_parser("eval", help="evaluate samples (FID)", formatter_class=_Formatter)
+    ev = sub.add_parser("eval", help="evaluate samples (FID, classifier accuracy)", formatter_class=_Formatter)
     evsub = ev.add_subparsers(dest="eval_command", required=True, metavar="METRIC")
     fid = evsub.add_parser("fid", formatter_class=_Formatter,
                            help="FID (+ precision/recall) of a sample folder against reference images or stats",
@@ -153,6 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--image-size", type=int, default=299, help="images are resized to this square")
     fid.add_argument("--batch-size", type=int, default=256, help="images per feature batch")
     fid.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    acc = evsub.add_parser("accuracy", formatter_class=_Formatter,
+                           help="class-conditional check: a digit classifier's accuracy on samples",
+                           description="Predicts the class of each sample of a folder written by "
+                                       "'flowmatch sample --out DIR' with a digit classifier and "
+                                       "compares it with the class the sample was made for (the "
+                                       "manifest's label, else index %% num_classes). Writes "
+                                       "SAMPLES/classifier_digits.json.")
+    acc.add_argument("--samples", required=True, help="folder of sample PNGs with its manifest.json")
+    acc.add_argument("--classifier", required=True,
+                     help="digit classifier file (train_digit_classifier); trained here first if "
+                          "it does not exist yet")
+    acc.add_argument("--image-size", type=int, default=16, help="images are read at this square size")
+    acc.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    acc.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
     inf = sub.add_parser("info", help="summarise the model a config builds (exact parameter count)",
                          formatter_class=_Formatter)
@@ -338,19 +353,32 @@ def _cmd_eval(args) -> int:
     from flowmatch.evaluation.fid import eval_fid_main, train_digit_classifier
 
     _, device = distributed.init(args.device)
-    if args.extractor == "digits":
-        if args.classifier is None:
-            raise ConfigError("--classifier: the digits extractor needs a weights file (it is trained "
-                              "there on the digits train split if it does not exist yet)")
-        if not Path(args.classifier).exists():
-            info = train_digit_classifier(args.classifier, image_size=args.image_size)
-            print(f"trained the digit classifier: test accuracy {info['test_accuracy']:.4f} "
-                  f"-> {args.classifier}")
-    res = eval_fid_main(args.samples, args.ref, args.extractor, args.image_size,
-                        classifier=args.classifier, batch_size=args.batch_size, device=device)
-    print(json.dumps({k: res[k] for k in ("fid", "precision", "recall", "n_samples", "n_reference",
-                                          "extractor") if k in res}))
-    return EXIT_OK
+    try:
+        if args.eval_command == "accuracy" or args.extractor == "digits":
+            if args.classifier is None:
+                raise ConfigError("--classifier: the digits extractor needs a weights file (it is "
+                                  "trained there on the digits train split if it does not exist yet)")
+            if not Path(args.classifier).exists():
+                if distributed.is_main():  # one rank trains; the others wait for the file
+                    info = train_digit_classifier(args.classifier, image_size=args.image_size)
+                    print(f"trained the digit classifier: test accuracy "
+                          f"{info['test_accuracy']:.4f} -> {args.classifier}")
+                distributed.barrier()
+        if args.eval_command == "accuracy":
+            from flowmatch.evaluation.classify import classifier_accuracy
+
+            res = classifier_accuracy(args.samples, args.classifier, args.image_size,
+                                      batch_size=args.batch_size, device=device,
+                                      write_json=distributed.is_main())
+            distributed.print0(json.dumps({k: res[k] for k in ("accuracy", "n", "per_class")}))
+            return EXIT_OK
+        res = eval_fid_main(args.samples, args.ref, args.extractor, args.image_size,
+                            classifier=args.classifier, batch_size=args.batch_size, device=device)
+        distributed.print0(json.dumps({k: res[k] for k in ("fid", "precision", "recall", "n_samples",
+                                                           "n_reference", "extractor") if k in res}))
+        return EXIT_OK
+    finally:
+        distributed.cleanup()
 
 
 def _cmd_info(args) -> int:

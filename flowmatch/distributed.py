@@ -79,7 +79,14 @@ def init(device: str = "auto") -> tuple[DistInfo, torch.device]:
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if env.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        # After an elastic restart (torchrun --max-restarts) the rendezvous store still holds the
+        # previous workers' keys; gloo would read a dead peer's address from them and fail to
+        # connect. A key prefix per restart keeps each attempt's group separate.
+        store, rank, world = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"flowmatch/{attempt}/", store),
+                                rank=rank, world_size=world, timeout=timeout)
     return info(), dev
 
 

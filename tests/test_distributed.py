@@ -30,7 +30,7 @@ def _flat(state):
 
 def _run(cmd, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -53,3 +53,48 @@ def test_two_process_ddp_follows_the_single_process_trajectory(tmp_path):
     # Only rank 0 wrote: one metrics line per log step.
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4
+    import json
+
+    launch = json.loads((tmp_path / "two" / "run.json").read_text())["launches"][-1]
+    assert (launch["world_size"], launch["batch_size_per_process"], launch["global_batch"]) == (2, 8, 32)
+
+
+WORKER = """
+import os, sys
+from flowmatch.cli import main
+from flowmatch.training import trainer
+
+step = trainer.Trainer._train_step
+
+def dying_step(self, loader):
+    out = step(self, loader)
+    # First launch only: rank 1 dies abruptly (no cleanup, no checkpoint) after step 23.
+    if (os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and self.dist.rank == 1
+            and self.step == 23):
+        os._exit(17)
+    return out
+
+trainer.Trainer._train_step = dying_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_elastic_restart_resumes_from_the_latest_checkpoint(tmp_path):
+    """torchrun --max-restarts=1: a worker dies mid-run; the relaunch resumes and finishes."""
+    cfg = tmp_path / "el.yaml"
+    cfg.write_text(
+        "name: el\ndevice: cpu\nseed: 1\n"
+        "data: {kind: toy2d, name: moons, n: 400}\n"
+        "model: {arch: mlp, hidden: 32, depth: 2}\n"
+        "train: {steps: 60, batch_size: 16, log_every: 5, sample_every: 0, save_every: 10}\n"
+        "sample: {method: euler, steps: 2, n: 16}\n")
+    (tmp_path / "worker.py").write_text(WORKER)
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "--max-restarts=1", "worker.py", "train", str(cfg), "out_dir=run", "--no-progress"],
+               tmp_path)
+    assert "resumed from" in out and "at step 20" in out
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")["step"] == 60
+    import json
+
+    launches = json.loads((tmp_path / "run" / "run.json").read_text())["launches"]
+    assert [x["start_step"] for x in launches] == [0, 20]

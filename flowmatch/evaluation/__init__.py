@@ -1,5 +1,6 @@
 """Evaluation: sample-quality metrics (more — FID, NLL — build on these)."""
 
+from flowmatch.evaluation.classify import classifier_accuracy, load_digit_classifier
 from flowmatch.evaluation.fid import (
     EXTRACTORS,
     FeatureStats,
@@ -26,4 +27,6 @@ __all__ = [
     "fid_from_folders",
     "eval_fid_main",
     "sample_to_folder",
+    "classifier_accuracy",
+    "load_digit_classifier",
 ]

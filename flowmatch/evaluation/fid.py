@@ -18,9 +18,10 @@ registered in ``EXTRACTORS``:
 * ``"digits"``: the 64-d penultimate layer of a small CNN trained here on the scikit-learn digits
   train split (``train_digit_classifier``) — a fast, local stand-in for 1-channel digit images.
 
-Future work: distributed feature extraction (shard the file list by rank, gather the sums
-``sum f`` and ``sum f f^T`` and ``n``; the statistics are additive). Everything here runs in one
-process.
+Under ``torchrun`` (a process group initialised, e.g. by ``flowmatch.distributed.init``),
+``folder_stats`` shards the files by rank (rank r extracts batches r, r + W, ...), gathers every
+feature to every rank and reassembles them in file order, so each rank holds the same statistics
+as one process would; only rank 0 writes the cached ``.npz`` and the result JSON.
 """
 
 from __future__ import annotations
@@ -498,6 +499,11 @@ def folder_stats(folder: str | os.PathLike, extractor: Extractor, image_size: in
     Images are read with ``ImageFolder`` (Pillow, centre crop, bicubic resize to ``image_size``,
     ``[-1, 1]``) in ``channels`` (default: the extractor's ``.channels``, else 3).
 
+    With a process group of ``W > 1`` ranks initialised, this is a collective: rank ``r``
+    extracts batches ``r, r + W, ...`` (each of ``batch_size`` consecutive files, exactly the
+    batches one process uses) and every rank gets all features back in file order (through
+    ``all_gather_object``), so every rank returns the statistics one process would, bit for bit.
+
     Raises:
         FileNotFoundError: ``folder`` does not exist.
         ValueError: ``folder`` holds no images (the message names it).
@@ -507,13 +513,53 @@ def folder_stats(folder: str | os.PathLike, extractor: Extractor, image_size: in
     folder = Path(folder)
     channels = channels or getattr(extractor, "channels", 3)
     data = ImageFolder(folder, image_size, channels=channels, center_crop=True)
+    rank, world = _process_group()
+    # This rank's batches (all of them in one process): rank r takes batches r, r + W, ... of
+    # batch_size consecutive files, so each batch is the one a single process would extract and
+    # the features are bit-identical (float32 kernels can round differently with another batch).
+    starts = range(rank * batch_size, len(data), world * batch_size)
+    mine = [i for s in starts for i in range(s, min(s + batch_size, len(data)))]
     feats = []
-    for start in range(0, len(data), batch_size):
+    for start in starts:
         batch = torch.stack([data[i][0] for i in range(start, min(start + batch_size, len(data)))])
         feats.append(features_of(batch, extractor, batch_size))
+    feats = np.concatenate(feats) if feats else None
+    if world > 1:
+        feats = _gather_in_order(mine, feats, len(data), world)
     source = f"{folder.resolve()} (files sha256:{_fingerprint(_reference_files(folder), folder)})"
-    return FeatureStats.from_features(np.concatenate(feats), _name_of(extractor), image_size,
-                                      source, keep_features)
+    return FeatureStats.from_features(feats, _name_of(extractor), image_size, source, keep_features)
+
+
+def _process_group() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised process group; ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    from flowmatch import distributed
+
+    if distributed.info().world_size > 1 and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_in_order(indices: list[int], feats: np.ndarray | None, n: int, world: int) -> np.ndarray:
+    """Every rank's ``(indices, features)``, on every rank, reassembled as ``(n, D)`` in file order
+    (a collective: every rank must call it)."""
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, (indices, feats))
+    dims = {f.shape[1] for _, f in parts if f is not None}
+    if len(dims) != 1:
+        raise ValueError(f"ranks extracted features of different dimensions: {sorted(dims)}")
+    out = np.empty((n, dims.pop()), dtype=np.float64)
+    seen = 0
+    for idx, f in parts:
+        if idx:
+            out[np.asarray(idx)] = f
+            seen += len(idx)
+    if seen != n:
+        raise RuntimeError(f"gathered features of {seen} files, expected {n}")
+    return out
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -539,6 +585,10 @@ def fid_from_folders(samples_dir: str | os.PathLike, ref: str | os.PathLike, ext
             set (seeded subsets of equal size). None when the reference stats hold no features.
         write_json: also write the result to ``samples_dir/fid_<extractor>.json``.
 
+    Under ``torchrun`` (process group initialised) this is a collective: every rank extracts a
+    share of each folder (``folder_stats``), gets the same result, and only rank 0 writes the
+    cache and the JSON.
+
     Returns:
         ``{"fid", "precision", "recall", "k", "n_samples", "n_reference", "n_pr", "extractor",
         "feature_dim", "image_size", "samples", "reference", "reference_source", "reference_stats",
@@ -549,6 +599,7 @@ def fid_from_folders(samples_dir: str | os.PathLike, ref: str | os.PathLike, ext
     """
     samples_dir, ref = Path(samples_dir), Path(ref)
     name = _name_of(extractor)
+    rank, world = _process_group()
     fake = folder_stats(samples_dir, extractor, image_size, batch_size, keep_features=pr_samples)
 
     if ref.suffix == ".npz":
@@ -561,9 +612,17 @@ def fid_from_folders(samples_dir: str | os.PathLike, ref: str | os.PathLike, ext
             fingerprint = _fingerprint(_reference_files(ref), ref)
             if not real.source.endswith(f"(files sha256:{fingerprint})"):
                 real = None  # the folder changed since the cache was written
+        if world > 1:  # rank 0 decides, so every rank joins the same collectives
+            from flowmatch import distributed
+
+            if not distributed.broadcast_object(real is not None):
+                real = None
+            elif real is None:
+                real = FeatureStats.load(cache, name, fake.dim, image_size)
         if real is None:
             real = folder_stats(ref, extractor, image_size, batch_size, keep_features=pr_samples)
-            real.save(cache)
+            if rank == 0:
+                real.save(cache)
     real.check(name, fake.dim, image_size, what=f"reference stats {cache}")
 
     result = {"fid": frechet_distance(fake.mu, fake.sigma, real.mu, real.sigma),
@@ -579,8 +638,12 @@ def fid_from_folders(samples_dir: str | os.PathLike, ref: str | os.PathLike, ext
         "image_size": image_size, "samples": str(samples_dir.resolve()), "reference": str(ref.resolve()),
         "reference_source": real.source, "reference_stats": str(cache.resolve()), "manifest": manifest,
     })
-    if write_json:
+    if write_json and rank == 0:
         _write_json(samples_dir / f"fid_{name}.json", result)
+    if world > 1:
+        from flowmatch import distributed
+
+        distributed.barrier()  # every rank returns once the cache and the JSON are written
     return result
 
 

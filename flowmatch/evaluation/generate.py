@@ -8,7 +8,9 @@ atomically, so a killed job resumes by generating only the missing ones.
 
 The folder layout::
 
-    OUT_DIR/manifest.json      settings that made the set (written by rank 0 before any sample)
+    OUT_DIR/manifest.json      settings that made the set (written by rank 0 before any sample),
+                               with ``num_classes`` (0: unconditional) so sample i's label is
+                               ``label`` or ``i % num_classes``
     OUT_DIR/000000.png ...     one PNG per sample, i = 0 .. n-1
 
 Under ``torchrun`` each rank takes the indices ``rank, rank + world_size, ...``; rank 0 checks the
@@ -42,6 +44,8 @@ _OUR_TEMP = re.compile(r"^\.(\d{6}\.\d+\.tmp\.png|manifest\.json\..+\.tmp)$")
 # "n" may grow (it extends the set); "checkpoint" (the path) is informational only.
 _COMPARED = ("format", "checkpoint_sha256", "seed", "method", "steps", "grid", "grid_shift",
              "label", "use_ema", "data_shape")
+# Compared only when both manifests hold them (added later; older folders stay reusable).
+_COMPARED_IF_PRESENT = ("num_classes",)
 
 
 def _sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -96,6 +100,8 @@ def _prepare_folder(out: Path, manifest: dict) -> None:
         if not isinstance(old, dict):
             raise ValueError(f"{old_path}: not a sample manifest; use a new folder")
         diff = [k for k in _COMPARED if old.get(k) != manifest[k]]
+        diff += [k for k in _COMPARED_IF_PRESENT
+                 if k in old and k in manifest and old[k] != manifest[k]]
         if diff:
             detail = "; ".join(f"{k}: folder has {old.get(k)!r}, asked for {manifest[k]!r}" for k in diff)
             raise ValueError(f"{out}: made with different settings ({', '.join(diff)}): {detail}. "
@@ -214,7 +220,7 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
                 "format": MANIFEST_FORMAT, "checkpoint": str(file), "checkpoint_sha256": _sha256(file),
                 "n": n, "seed": seed, "method": method, "steps": steps, "grid": grid,
                 "grid_shift": grid_shift, "label": label, "use_ema": use_ema,
-                "data_shape": list(data_shape),
+                "data_shape": list(data_shape), "num_classes": num_classes,
             }
             _prepare_folder(out, manifest)
             plan = {"ok": True}

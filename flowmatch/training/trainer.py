@@ -450,6 +450,21 @@ class Trainer:
                        self.run_dir / "loss.png", title=f"{self.cfg.name}: flow-matching loss",
                        logy=True)
 
+    def _record_launch(self) -> None:
+        """Append this launch's layout to run.json: processes, batch split, device, start step."""
+        path = self.run_dir / "run.json"
+        try:
+            launches = json.loads(path.read_text())["launches"] if path.is_file() else []
+        except (json.JSONDecodeError, KeyError, TypeError):
+            launches = []
+        launches.append({
+            "start_step": self.step, "time": time.time(), "world_size": self.dist.world_size,
+            "batch_size_per_process": self.cfg.train.batch_size,
+            "grad_accum": self.cfg.train.grad_accum, "global_batch": self.images_per_step,
+            "device": self.device.type, "torch": torch.__version__,
+        })
+        path.write_text(json.dumps({"launches": launches}, indent=1) + "\n")
+
     def _load_history(self) -> None:
         """Keep the metric lines up to the resumed step (later ones belong to lost work)."""
         path = self.run_dir / "metrics.jsonl"
@@ -483,6 +498,7 @@ class Trainer:
         self._try_resume()
         if self.dist.is_main:
             self._load_history()
+            self._record_launch()
             distributed.print0(self.describe())
         loader = None
         if self.memory is None:
