@@ -13,7 +13,6 @@ small sets.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch

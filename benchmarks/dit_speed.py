@@ -390,7 +390,7 @@ def diffusers_subject(ours: Subject) -> Subject:
     cfg = ours.module.cfg
     C, H, W = ours.data_shape
     if H != W or cfg.hidden_size % cfg.num_heads:
-        raise ReferenceUnavailable(f"diffusers' DiT needs square inputs and hidden % heads == 0")
+        raise ReferenceUnavailable("diffusers' DiT needs square inputs and hidden % heads == 0")
     torch.manual_seed(0)
     model = DiTTransformer2DModel(
         num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,

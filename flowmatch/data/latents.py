@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +42,7 @@ import torch
 from torch.utils.data import Dataset
 
 from flowmatch import distributed
+from flowmatch.atomic import atomic_write_json
 from flowmatch.autoencoder import LatentNormalization
 from flowmatch.data.imagefolder import ImageFolder
 
@@ -60,21 +60,6 @@ _STATS_CHUNK_VALUES = 1 << 23  # float64 values per chunk when measuring channel
 # ----------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON to a temporary file in the same folder, then rename: readers never see half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _check_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
@@ -207,7 +192,7 @@ def _prepare_store(out: Path, settings: dict, overwrite: bool) -> dict:
         np.save(out / _LABELS, settings["_labels"])
     meta = {k: v for k, v in settings.items() if not k.startswith("_")}
     meta.update(channel_mean=None, channel_std=None, complete=False, written=0)
-    _write_json_atomic(meta_path, {"format": FORMAT, **meta})  # last: its presence means "created"
+    atomic_write_json(meta_path, {"format": FORMAT, **meta})  # last: its presence means "created"
     return {"complete": False, "written": 0}
 
 
@@ -368,7 +353,7 @@ def encode_to_store(
             done = min(start_image + (k + 1) * global_batch, n_images) * per_image
             if rank == 0:
                 meta["written"] = done
-                _write_json_atomic(out / _META, meta)
+                atomic_write_json(out / _META, meta)
                 if bar is not None:
                     bar.update(done - bar.n)
     finally:
@@ -381,7 +366,7 @@ def encode_to_store(
         reader = np.load(out / _LATENTS, mmap_mode="r")
         meta["channel_mean"], meta["channel_std"] = _channel_stats(reader)
         meta["complete"] = True
-        _write_json_atomic(out / _META, meta)
+        atomic_write_json(out / _META, meta)
     distributed.barrier()  # the others return only once the store is complete
     return out
 

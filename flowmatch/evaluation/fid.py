@@ -38,6 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flowmatch.atomic import atomic_open, atomic_write_json
+
 __all__ = [
     "frechet_distance",
     "FeatureStats",
@@ -189,10 +191,8 @@ class FeatureStats:
         )
         if self.features is not None:
             arrays["features"] = self.features
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the name
+        with atomic_open(path, "wb") as f:  # a file object: numpy does not append ".npz" to it
             np.savez(f, **arrays)
-        os.replace(tmp, path)
         return path
 
     @classmethod
@@ -413,9 +413,8 @@ def train_digit_classifier(out_path: str | os.PathLike, image_size: int = 16, st
             "test_accuracy": accuracy, "steps": steps, "seed": seed}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    torch.save({"state_dict": model.state_dict(), **info}, tmp)
-    os.replace(tmp, out_path)
+    with atomic_open(out_path, "wb") as f:
+        torch.save({"state_dict": model.state_dict(), **info}, f)
     return {"path": str(out_path), **info}
 
 
@@ -563,9 +562,7 @@ def _gather_in_order(indices: list[int], feats: np.ndarray | None, n: int, world
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, payload, indent=2)
 
 
 def fid_from_folders(samples_dir: str | os.PathLike, ref: str | os.PathLike, extractor: Extractor,

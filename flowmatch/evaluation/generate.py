@@ -24,13 +24,13 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from flowmatch import distributed
+from flowmatch.atomic import atomic_write_json
 
 __all__ = ["MANIFEST", "sample_to_folder"]
 
@@ -55,19 +55,6 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _prepare_folder(out: Path, manifest: dict) -> None:
@@ -115,7 +102,7 @@ def _prepare_folder(out: Path, manifest: dict) -> None:
                          f"more than n={manifest['n']}; use n >= {max(beyond) + 1} or a new folder")
     for tmp in temps:  # left by a killed job; the sample is regenerated
         tmp.unlink(missing_ok=True)
-    _write_json_atomic(old_path, manifest)
+    atomic_write_json(old_path, manifest, indent=2)
 
 
 def _gather_int(value: int, rank: int, world_size: int, device: torch.device) -> list[int]:
