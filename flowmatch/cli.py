@@ -208,7 +208,7 @@ def _cmd_sample(args) -> int:
     from flowmatch import distributed
     from flowmatch.config import ConfigError
     from flowmatch.imageio import save_image_grid, save_scatter
-    from flowmatch.sampling import generate, seeded_noise
+    from flowmatch.sampling import generate, resolve_settings, seeded_noise
     from flowmatch.training import model_from_checkpoint
 
     if args.n < 1:
@@ -233,26 +233,11 @@ def _cmd_sample(args) -> int:
     _, device = distributed.init(args.device)
     model, cfg, state = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema, device=device)
     sc = cfg.sample
-    method = args.method or sc.method
-    steps = args.steps if args.steps is not None else sc.steps
-    grid = args.grid or sc.grid
-    shift = args.grid_shift if args.grid_shift is not None else sc.grid_shift
-    from flowmatch.solvers import SOLVER_NAMES
-    from flowmatch.time_samplers import GRIDS
-
-    if method not in SOLVER_NAMES:
-        raise ConfigError(f"--method: unknown solver {method!r} (valid: {', '.join(SOLVER_NAMES)})")
-    if grid not in GRIDS:
-        raise ConfigError(f"--grid: unknown grid {grid!r} (valid: {', '.join(GRIDS)})")
-    if steps < 1:
-        raise ConfigError("--steps: must be >= 1")
     data_shape = tuple(state["data_shape"])
     num_classes = int(state["num_classes"])
-    if args.label is not None:
-        if num_classes == 0:
-            raise ConfigError("--class: this model is unconditional")
-        if not 0 <= args.label < num_classes:
-            raise ConfigError(f"--class: must be in [0, {num_classes - 1}]")
+    s = resolve_settings(sc, method=args.method, steps=args.steps, grid=args.grid,
+                         grid_shift=args.grid_shift, label=args.label, num_classes=num_classes)
+    method, steps, grid, shift = s.method, s.steps, s.grid, s.grid_shift
 
     chunks, nfe = [], 0
     for start in range(0, args.n, args.batch_size):

@@ -10,10 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flowmatch.solvers import ODEResult, solve_ode
-from flowmatch.time_samplers import time_grid
+from dataclasses import dataclass
 
-__all__ = ["sample_seed", "seeded_noise", "generate", "FIXED_STEP_NFE"]
+from flowmatch.solvers import SOLVER_NAMES, ODEResult, solve_ode
+from flowmatch.time_samplers import GRIDS, time_grid
+
+__all__ = ["sample_seed", "seeded_noise", "generate", "FIXED_STEP_NFE", "SampleSettings",
+           "resolve_settings"]
 
 # Network evaluations per step of each fixed-step method (for budgeting; the solver counts exactly).
 FIXED_STEP_NFE = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
@@ -41,6 +44,37 @@ def seeded_noise(indices, shape: tuple[int, ...], seed: int,
         g.manual_seed(sample_seed(seed, int(i)))
         rows.append(torch.randn(shape, generator=g))
     return torch.stack(rows).to(device)
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    method: str
+    steps: int
+    grid: str
+    grid_shift: float
+
+
+def resolve_settings(defaults, *, method: str | None = None, steps: int | None = None,
+                     grid: str | None = None, grid_shift: float | None = None,
+                     label: int | None = None, num_classes: int = 0) -> SampleSettings:
+    """Solver settings: each given value, else the run's own (``defaults``: a config's ``sample``
+    section). Raises ValueError naming the setting for an unknown solver or grid, steps < 1, or a
+    class label the model cannot take."""
+    s = SampleSettings(method or defaults.method, defaults.steps if steps is None else steps,
+                       grid or defaults.grid,
+                       float(defaults.grid_shift if grid_shift is None else grid_shift))
+    if s.method not in SOLVER_NAMES:
+        raise ValueError(f"method: unknown solver {s.method!r} (valid: {', '.join(SOLVER_NAMES)})")
+    if s.grid not in GRIDS:
+        raise ValueError(f"grid: unknown grid {s.grid!r} (valid: {', '.join(GRIDS)})")
+    if s.steps < 1:
+        raise ValueError("steps: must be >= 1")
+    if label is not None:
+        if num_classes == 0:
+            raise ValueError("label: this model is unconditional")
+        if not 0 <= label < num_classes:
+            raise ValueError(f"label: must be in [0, {num_classes - 1}]")
+    return s
 
 
 @torch.no_grad()

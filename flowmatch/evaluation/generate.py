@@ -161,9 +161,7 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     while the job runs). Joins the process group under torchrun (``distributed.init``) and leaves it
     joined: the caller calls ``distributed.cleanup()``.
     """
-    from flowmatch.sampling import generate, seeded_noise
-    from flowmatch.solvers import SOLVER_NAMES
-    from flowmatch.time_samplers import GRIDS
+    from flowmatch.sampling import generate, resolve_settings, seeded_noise
     from flowmatch.training import find_checkpoint, model_from_checkpoint
 
     t_start = time.perf_counter()
@@ -174,25 +172,13 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     info, dev = distributed.init(device)
     file = find_checkpoint(checkpoint)
     model, cfg, state = model_from_checkpoint(file, use_ema=use_ema, device=dev)
-    sc = cfg.sample
-    method = method or sc.method
-    steps = steps if steps is not None else sc.steps
-    grid = grid or sc.grid
-    grid_shift = float(grid_shift if grid_shift is not None else sc.grid_shift)
-    if method not in SOLVER_NAMES:
-        raise ValueError(f"method: unknown solver {method!r} (valid: {', '.join(SOLVER_NAMES)})")
-    if grid not in GRIDS:
-        raise ValueError(f"grid: unknown grid {grid!r} (valid: {', '.join(GRIDS)})")
-    if steps < 1:
-        raise ValueError("steps: must be >= 1")
     data_shape = tuple(int(s) for s in state["data_shape"])  # the model's (latent shape if latent)
     num_classes = int(state["num_classes"])
     latent = state.get("latent")
-    if label is not None:
-        if num_classes == 0:
-            raise ValueError("label: this model is unconditional")
-        if not 0 <= label < num_classes:
-            raise ValueError(f"label: must be in [0, {num_classes - 1}]")
+    settings = resolve_settings(cfg.sample, method=method, steps=steps, grid=grid,
+                                grid_shift=grid_shift, label=label, num_classes=num_classes)
+    method, steps, grid, grid_shift = (settings.method, settings.steps, settings.grid,
+                                       settings.grid_shift)
     if len(data_shape) != 3 and not latent:
         raise ValueError(f"a folder of PNGs needs image data; this model makes {data_shape} "
                          "(sample to a .npy file instead)")
@@ -245,7 +231,7 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
                     ids = torch.tensor(idx, device=dev)
                     y = torch.full_like(ids, label) if label is not None else ids % num_classes
                 res = generate(model, x0, y=y, method=method, steps=steps, grid=grid,
-                               grid_shift=grid_shift, atol=sc.atol, rtol=sc.rtol)
+                               grid_shift=grid_shift, atol=cfg.sample.atol, rtol=cfg.sample.rtol)
                 x = res.x
                 if autoencoder is not None:
                     x = autoencoder.decode(x, batch_size=batch_size)  # (b, 3, H, W)
