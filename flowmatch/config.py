@@ -132,7 +132,7 @@ class TrainConfig:
 class SampleConfig:
     """How samples are drawn (during training and by `flowmatch sample` unless overridden)."""
 
-    method: str = "heun"  # euler | midpoint | heun | rk4 | dopri5
+    method: str = "heun"  # euler | midpoint | heun | rk4 | ab2 | dopri5 | bosh3 | ...  (flowmatch.solvers.SOLVER_NAMES)
     steps: int = 25  # solver steps (NFE = steps x evaluations per step)
     grid: str = "uniform"  # uniform | shifted
     grid_shift: float = 1.0

@@ -12,14 +12,14 @@ from torch import nn
 
 from dataclasses import dataclass
 
-from flowmatch.solvers import SOLVER_NAMES, ODEResult, solve_ode
+from flowmatch.solvers import FIXED_STEP_METHODS, SOLVER_NAMES, ODEResult, solve_ode
 from flowmatch.time_samplers import GRIDS, time_grid
 
 __all__ = ["sample_seed", "seeded_noise", "generate", "FIXED_STEP_NFE", "SampleSettings",
            "resolve_settings"]
 
 # Network evaluations per step of each fixed-step method (for budgeting; the solver counts exactly).
-FIXED_STEP_NFE = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+FIXED_STEP_NFE = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 1}
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio) to spread consecutive indices
 
@@ -92,7 +92,7 @@ def generate(model: nn.Module, x0: torch.Tensor, *, y: torch.Tensor | None = Non
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return model(x, t, y)
 
-        if method in FIXED_STEP_NFE:
+        if method in FIXED_STEP_METHODS:
             g = time_grid(steps, kind=grid, shift=grid_shift, device=x0.device, dtype=x0.dtype)
             return solve_ode(velocity, x0, method=method, grid=g, return_trajectory=return_trajectory)
         return solve_ode(velocity, x0, method=method, t0=0.0, t1=1.0, atol=atol, rtol=rtol,

@@ -45,6 +45,8 @@ def test_train_resume_sample_end_to_end(tmp_path, capsys):
                  "--out", str(tmp_path / "d.npy")]) == 0
     assert "dopri5" in capsys.readouterr().out and np.isfinite(np.load(tmp_path / "d.npy")).all()
     assert main(["sample", str(run), "--method", "rk45", "--out", str(tmp_path / "e.npy")]) == 2
+    assert main(["sample", str(run), "--cfg-scale", "2", "--out", str(tmp_path / "f.npy")]) == 2
+    assert "unconditional" in capsys.readouterr().err
     assert Image.open(tmp_path / "s.png").size[0] > 100
     # Same seed -> same samples, whatever the batch size.
     assert main(["sample", str(run), "--n", "37", "--steps", "3", "--method", "rk4",
@@ -66,6 +68,15 @@ def test_sample_image_folder_and_grid(tmp_path):
     assert Image.open(tmp_path / "pngs" / files[0]).size == (8, 8)
     assert main(["sample", str(run), "--n", "20", "--out", str(tmp_path / "g.png")]) == 0
     assert main(["sample", str(run), "--class", "10", "--out", str(tmp_path / "h.png")]) == 2
+    # Classifier-free guidance: both passes counted; recorded in a folder's manifest.
+    assert main(["sample", str(run), "--n", "4", "--steps", "2", "--method", "ab2", "--cfg-scale",
+                 "2.0", "--out", str(tmp_path / "g.npy")]) == 0
+    assert main(["sample", str(run), "-n", "3", "--cfg-scale", "2.0", "--cfg-interval", "0.2", "1",
+                 "--out", str(tmp_path / "gpngs"), "--no-progress"]) == 0
+    import json
+
+    manifest = json.loads((tmp_path / "gpngs" / "manifest.json").read_text())
+    assert manifest["cfg_scale"] == 2.0 and manifest["cfg_interval"] == [0.2, 1.0]
 
 
 def test_info_prints_exact_parameter_count(capsys):

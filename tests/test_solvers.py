@@ -15,7 +15,7 @@ from flowmatch.time_samplers import time_grid
 
 F64 = torch.float64
 ORDER = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
-NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 1}
 X_START = torch.tensor([[1.0], [-0.5], [2.0]], dtype=F64)  # (B=3, 1)
 
 
@@ -220,7 +220,7 @@ def test_solver_names():
 
 def test_argument_errors():
     v = ForcedLinear().velocity
-    with pytest.raises(ValueError, match="euler, midpoint, heun, rk4, dopri5"):
+    with pytest.raises(ValueError, match="euler, midpoint, heun, rk4, ab2, dopri5"):
         solve_ode(v, X_START, method="leapfrog", steps=4)
     with pytest.raises(ValueError):
         solve_ode(v, X_START, method="euler")  # neither steps nor grid

@@ -45,7 +45,7 @@ _OUR_TEMP = re.compile(r"^\.(\d{6}\.\d+\.tmp\.png|manifest\.json\..+\.tmp)$")
 _COMPARED = ("format", "checkpoint_sha256", "seed", "method", "steps", "grid", "grid_shift",
              "label", "use_ema", "data_shape")
 # Compared only when both manifests hold them (added later; older folders stay reusable).
-_COMPARED_IF_PRESENT = ("num_classes",)
+_COMPARED_IF_PRESENT = ("num_classes", "cfg_scale", "cfg_interval")
 
 
 def _sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -126,7 +126,8 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
                      seed: int = 0, method: str | None = None, steps: int | None = None,
                      grid: str | None = None, grid_shift: float | None = None,
                      batch_size: int = 64, label: int | None = None, use_ema: bool = True,
-                     vae: str | None = None, device: str = "auto", progress: bool = True) -> dict:
+                     vae: str | None = None, device: str = "auto", progress: bool = True,
+                     cfg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0)) -> dict:
     """Write samples ``0 .. n-1`` of a checkpoint as ``out_dir/{i:06d}.png``; resumable; torchrun-aware.
 
     Sample ``i`` starts from the noise ``seeded_noise([i], data_shape, seed)`` and, for a
@@ -172,6 +173,10 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     info, dev = distributed.init(device)
     file = find_checkpoint(checkpoint)
     model, cfg, state = model_from_checkpoint(file, use_ema=use_ema, device=dev)
+    if cfg_scale != 1.0:
+        from flowmatch.guidance import ClassifierFreeGuidance
+
+        model = ClassifierFreeGuidance(model, cfg_scale, tuple(cfg_interval))
     data_shape = tuple(int(s) for s in state["data_shape"])  # the model's (latent shape if latent)
     num_classes = int(state["num_classes"])
     latent = state.get("latent")
@@ -194,6 +199,7 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
                 "n": n, "seed": seed, "method": method, "steps": steps, "grid": grid,
                 "grid_shift": grid_shift, "label": label, "use_ema": use_ema,
                 "data_shape": list(data_shape), "num_classes": num_classes,
+                "cfg_scale": float(cfg_scale), "cfg_interval": [float(v) for v in cfg_interval],
             }
             _prepare_folder(out, manifest)
             plan = {"ok": True}
