@@ -153,6 +153,10 @@ class LatentNormalization:
 # ----------------------------------------------------------------------------------------------
 
 
+class VAELoadError(RuntimeError):
+    """A VAE's weights could not be fetched or read (bad id, no network, unreadable folder)."""
+
+
 def _looks_like_path(source: str) -> bool:
     """Whether ``source`` is meant as a local folder rather than a Hub id like ``org/name``.
 
@@ -205,7 +209,7 @@ def load_vae(
         where = f"the local folder {source!r}" if local.is_dir() else (
             f"the Hugging Face Hub id {source!r} (no local folder of that name exists)")
         sub = f" (subfolder {subfolder!r})" if subfolder else ""
-        raise RuntimeError(
+        raise VAELoadError(
             f"could not load VAE weights from {where}{sub}: the weights could not be fetched or "
             f"read. Check the id and your network (or download the VAE once and pass its folder). "
             f"Original error: {error}"

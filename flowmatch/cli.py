@@ -16,6 +16,7 @@ data), 130 interrupted by Ctrl-C after writing a checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -421,12 +422,17 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": _cmd_train, "sample": _cmd_sample, "info": _cmd_info,
                 "encode-latents": _cmd_encode_latents, "finetune-vae": _cmd_finetune_vae,
                 "recon": _cmd_recon, "eval": _cmd_eval}
+    from flowmatch.autoencoder import VAELoadError
+
     try:
         return handlers[args.command](args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ValueError as e:  # data problems (empty folder, bad shapes) reported by the library
+    # Bad input the library reports with a clear message: config, checkpoint, missing files, data
+    # problems (ValueError: empty folder, bad shapes), a VAE that cannot be fetched, a missing
+    # optional package (the message says what to install). FLOWMATCH_DEBUG=1 shows the traceback.
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, VAELoadError,
+            ImportError) as e:
+        if os.environ.get("FLOWMATCH_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -101,3 +101,23 @@ def test_finetune_vae_then_recon(assets, tmp_path, capsys):
     assert "PSNR" in capsys.readouterr().out and (tmp_path / "recon.png").is_file()
     assert main(["finetune-vae", str(cfg), "stepz=3"]) == 2
     assert "stepz" in capsys.readouterr().err
+
+
+def test_unreachable_hub_id_and_missing_extra_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    import diffusers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' (test)")
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", offline)
+    args = ["encode-latents", "--vae", "stabilityai/sd-vae-ft-ema", "--images", str(tmp_path),
+            "--out", str(tmp_path / "s"), "--device", "cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not load VAE weights") and "Traceback" not in err
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # the vae extra is not installed
+    assert main(args) == 2
+    assert "flowmatch[vae]" in capsys.readouterr().err
+    monkeypatch.setenv("FLOWMATCH_DEBUG", "1")
+    with pytest.raises(ImportError):
+        main(args)
