@@ -14,7 +14,13 @@ euler      forward Euler                1      1
 midpoint   explicit midpoint            2      2
 heun       explicit trapezoid (Heun)    2      2
 rk4        classic Runge-Kutta          4      4
+ab2        Adams-Bashforth, 2 steps     2      1
+dpm2m      DPM-Solver++(2M) for flows   2      1
 =========  ===========================  =====  ===========
+
+``dpm2m`` is an exponential integrator and needs the probability path (``path=``): it integrates
+the part of the ODE that is linear in ``x`` exactly and extrapolates only the model's data
+prediction (see :func:`dpm2m`).
 
 Adaptive methods (``dopri5``, ...) come from torchdiffeq, an optional extra.
 
@@ -24,23 +30,28 @@ call in ``torch.no_grad()``, likelihood needs gradients of ``v`` for its diverge
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "ODEResult",
-    "FIXED_STEP_METHODS",
     "ADAPTIVE_METHODS",
+    "FIXED_STEP_METHODS",
+    "MIN_STEPS",
+    "PATH_METHODS",
     "SOLVER_NAMES",
-    "solve_ode",
-    "euler",
-    "midpoint",
-    "heun",
-    "rk4",
+    "ODEResult",
     "ab2",
+    "dpm2m",
+    "euler",
+    "heun",
+    "midpoint",
+    "rk4",
+    "solve_ode",
 ]
 
 # v(x, t): x (B, ...), t (B,) -> (B, ...)
@@ -134,13 +145,66 @@ def ab2(f: StepFn, x: Tensor, grid: Tensor) -> Iterator[Tensor]:
         yield x
 
 
-FIXED_STEP_METHODS: dict[str, Callable[[StepFn, Tensor, Tensor], Iterator[Tensor]]] = {
+def dpm2m(f: StepFn, x: Tensor, grid: Tensor, *, path) -> Iterator[Tensor]:
+    """DPM-Solver++(2M) (Lu et al. 2022, multistep, data prediction) written for an affine path
+    ``x_t = alpha_t x1 + sigma_t x0``. Order 2 for 1 NFE per step; needs ``path``.
+
+    With the data prediction ``D(x, t) = path.velocity_to_x1(v(x, t), x, t)`` the ODE is
+    ``dx/dt = (d_sigma_t / sigma_t) x + sigma_t (d/dt rho_t) D``, ``rho_t = alpha_t / sigma_t``:
+    linear in ``x`` apart from ``D``. Its exact solution from ``t`` to ``s`` is::
+
+        x_s = (sigma_s / sigma_t) x_t + sigma_s * integral_{rho_t}^{rho_s} D drho
+
+    First order (DDIM; for the linear path identical to an Euler step) takes ``D`` constant:
+    ``x_s = (sigma_s / sigma_t) x_t + (alpha_s - alpha_t sigma_s / sigma_t) D_t``. The 2M step
+    takes ``D`` linear in ``lambda = log rho`` through the last two predictions::
+
+        D = (1 + 1 / (2 r)) D_n - 1 / (2 r) D_{n-1},   r = h_{n-1} / h_n,  h = lambda_{next} - lambda
+
+    Where a step starts at pure noise (``alpha = 0``, ``lambda = -inf``) or ends at pure data
+    (``sigma = 0``, ``lambda = +inf``), the step length in ``lambda`` is infinite and the step is
+    first order (DPM-Solver++'s "lower order final"): the first step from noise and the last step
+    onto the data (which then returns ``alpha_1 D``). So ``steps`` steps make ``steps - 2``
+    second-order updates on a grid from 0 to 1; the work is 1 NFE per step regardless.
+
+    Forwards only (``sigma`` must be > 0 at every start point: never from the data end).
+    """
+    d_prev, h_prev = None, None
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        if not bool(t_next > t):
+            raise ValueError("dpm2m integrates forwards only (noise -> data): the grid must increase")
+        c = path.scheduler(torch.stack([t, t_next]).double())
+        a, a_next = float(c.alpha_t[0]), float(c.alpha_t[1])
+        s, s_next = float(c.sigma_t[0]), float(c.sigma_t[1])
+        if not s > 0:
+            raise ValueError(f"dpm2m cannot step from t={float(t):.6g}: sigma_t = 0 (pure data)")
+        v = f(x, t)  # the only evaluation of the step
+        d = path.velocity_to_x1(v, x, t)  # data prediction at (x, t)
+        h = math.inf if a <= 0 or s_next <= 0 else math.log(a_next * s / (a * s_next))
+        if d_prev is None or not (math.isfinite(h) and math.isfinite(h_prev)):
+            d_hat = d  # first order: no history, or an infinite step on either side
+        else:
+            r = h_prev / h
+            d_hat = (1 + 0.5 / r) * d - (0.5 / r) * d_prev
+        x = (s_next / s) * x + (a_next - a * s_next / s) * d_hat
+        d_prev, h_prev = d, h
+        yield x
+
+
+FIXED_STEP_METHODS: dict[str, Callable[..., Iterator[Tensor]]] = {
     "euler": euler,
     "midpoint": midpoint,
     "heun": heun,
     "rk4": rk4,
     "ab2": ab2,
+    "dpm2m": dpm2m,
 }
+
+# methods that need the probability path (``solve_ode(..., path=...)``)
+PATH_METHODS: frozenset[str] = frozenset({"dpm2m"})
+
+# the fewest steps each fixed-step method can take; NFE per step is flowmatch.sampling.FIXED_STEP_NFE
+MIN_STEPS: dict[str, int] = {name: 1 for name in ("euler", "midpoint", "heun", "rk4", "ab2", "dpm2m")}
 
 # torchdiffeq's adaptive-step methods we expose; they pick their own steps from atol / rtol
 ADAPTIVE_METHODS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -189,6 +253,7 @@ def solve_ode(
     return_trajectory: bool = False,
     atol: float = 1e-5,
     rtol: float = 1e-5,
+    path=None,
 ) -> ODEResult:
     """Integrate ``dx/dt = velocity(x, t)`` from ``x(t0) = x0``.
 
@@ -212,11 +277,14 @@ def solve_ode(
 
     Times are float64 when ``x0`` is, else float32. ``nfe`` is counted around ``velocity``, so it is
     exact for every method (torchdiffeq's initial step-size probe included). Grad mode is left to the
-    caller. Returns ``ODEResult(x, nfe, times, trajectory)``; ``trajectory`` (if asked for) holds the
+    caller. ``path`` (an :class:`flowmatch.paths.AffinePath`) is needed by the methods in
+    ``PATH_METHODS`` (``dpm2m``) and ignored by the others. Returns ``ODEResult(x, nfe, times, trajectory)``; ``trajectory`` (if asked for) holds the
     state at each of ``times``, starting with ``x0``.
     """
     if method not in SOLVER_NAMES:
         raise ValueError(f"unknown solver method {method!r}; valid names: {', '.join(SOLVER_NAMES)}")
+    if method in PATH_METHODS and path is None:
+        raise ValueError(f"solver method {method!r} needs the probability path: pass path=")
     time_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
     adaptive = method in ADAPTIVE_METHODS
 
@@ -252,7 +320,10 @@ def solve_ode(
     else:
         trajectory = [x0] if return_trajectory else None
         x = x0
-        for x in FIXED_STEP_METHODS[method](f, x0, times):
+        walk = FIXED_STEP_METHODS[method]
+        if method in PATH_METHODS:
+            walk = functools.partial(walk, path=path)
+        for x in walk(f, x0, times):
             if trajectory is not None:
                 trajectory.append(x)
     return ODEResult(x=x, nfe=f.nfe, times=times, trajectory=trajectory)
@@ -261,7 +332,9 @@ def solve_ode(
 def _odeint(f: _CountedVelocity, x0: Tensor, times: Tensor, method: str, atol: float, rtol: float) -> Tensor:
     """torchdiffeq's ``odeint``; returns the states at ``times``, shape ``(len(times), B, ...)``."""
     try:
-        from torchdiffeq import odeint  # optional extra, imported only when an adaptive method runs
+        from torchdiffeq import (
+            odeint,  # optional extra, imported only when an adaptive method runs
+        )
     except ImportError as err:
         raise ImportError(
             f"solver method {method!r} needs torchdiffeq: pip install 'flowmatch[ode]'"

@@ -12,20 +12,20 @@ Both can be warped by the SD3 timestep shift (:func:`shift_time`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "shift_time",
-    "UniformTime",
+    "GRIDS",
+    "TIME_SAMPLERS",
     "LogitNormalTime",
     "ShiftedTime",
-    "TIME_SAMPLERS",
+    "UniformTime",
     "build_time_sampler",
-    "GRIDS",
+    "shift_time",
     "time_grid",
 ]
 
@@ -146,9 +146,38 @@ def _shifted_grid(u: Tensor, shift: float) -> Tensor:
     return shift_time(u, shift)
 
 
+EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = 0.002, 80.0, 7.0
+
+
+def _edm_grid(u: Tensor, shift: float) -> Tensor:
+    """Karras et al. (2022) "EDM" rho-schedule, carried over to flow time.
+
+    EDM spaces the noise-to-signal ratio ``sigma`` as ``sigma_i = (sigma_max^(1/rho) + i / (N - 1)
+    (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`` for ``i = 0 .. N - 1`` (80 -> 0.002, rho = 7),
+    then steps to ``sigma = 0``. Under the linear path ``x_t = t x1 + (1 - t) x0`` the ratio is
+    ``sigma = (1 - t) / t``, so ``t_i = 1 / (1 + sigma_i)``; ``t_0`` is then pinned to 0 (pure
+    noise, ``sigma = inf`` instead of 80: ``x`` at ``t = 1/81`` is 98.8 % noise) and ``t_N = 1``.
+    Steps are small at both ends and large in the middle; the last step (``sigma_min`` -> 0, from
+    ``t = 0.998``) moves little, so with very few steps one of them is nearly spent on it.
+    The same ``t`` grid is used with every scheduler.
+    """
+    if shift != 1.0:
+        raise ValueError(f"shift={shift} has no effect on the 'edm' grid; use kind='shifted'")
+    n = u.numel() - 1
+    t = torch.ones_like(u)
+    if n >= 2:
+        i = torch.arange(n, dtype=torch.float64) / (n - 1)
+        lo, hi = EDM_SIGMA_MIN ** (1 / EDM_RHO), EDM_SIGMA_MAX ** (1 / EDM_RHO)
+        sigma = (hi + i * (lo - hi)) ** EDM_RHO
+        t[:n] = 1.0 / (1.0 + sigma)
+    t[0] = 0.0
+    return t
+
+
 GRIDS: dict[str, Callable[[Tensor, float], Tensor]] = {
     "uniform": _uniform_grid,
     "shifted": _shifted_grid,
+    "edm": _edm_grid,
 }
 
 
@@ -161,8 +190,10 @@ def time_grid(
 ) -> Tensor:
     """Times ``t_0 = 0 < t_1 < ... < t_steps = 1`` for a fixed-step solver, shape ``(steps + 1,)``.
 
-    kind: ``"uniform"`` (``t_i = i / steps``) or ``"shifted"`` (``shift_time(i / steps, shift)``;
-    ``shift > 1`` takes smaller steps near the noise end). Computed in float64, then cast to ``dtype``.
+    kind: ``"uniform"`` (``t_i = i / steps``), ``"shifted"`` (``shift_time(i / steps, shift)``;
+    ``shift > 1`` takes smaller steps near the noise end) or ``"edm"`` (Karras et al.'s rho = 7
+    schedule of the noise-to-signal ratio, see :func:`_edm_grid`). Computed in float64, then cast to
+    ``dtype``.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")

@@ -10,12 +10,19 @@ import pytest
 import torch
 
 from flowmatch.paths import build_path, gaussian_marginal_velocity
-from flowmatch.solvers import ADAPTIVE_METHODS, FIXED_STEP_METHODS, SOLVER_NAMES, ODEResult, solve_ode
+from flowmatch.solvers import (
+    ADAPTIVE_METHODS,
+    FIXED_STEP_METHODS,
+    SOLVER_NAMES,
+    ODEResult,
+    solve_ode,
+)
 from flowmatch.time_samplers import time_grid
 
 F64 = torch.float64
 ORDER = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
-NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 1}
+NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 1, "dpm2m": 1}
+LINEAR = build_path("linear")  # for dpm2m, which needs a path; the other methods ignore it
 X_START = torch.tensor([[1.0], [-0.5], [2.0]], dtype=F64)  # (B=3, 1)
 
 
@@ -54,7 +61,7 @@ def _error(problem, method, steps, backwards=False):
     t_start, t_end = (1.0, 0.0) if backwards else (0.0, 1.0)
     x_start = problem.exact(X_START, t_start)
     result = solve_ode(problem.velocity, x_start, method=method, steps=steps, t0=t_start, t1=t_end,
-                       return_trajectory=True)
+                       return_trajectory=True, path=LINEAR)
     return max((x - problem.exact(X_START, t)).abs().max().item()
                for t, x in zip(result.times.tolist(), result.trajectory))
 
@@ -110,7 +117,7 @@ class Recorder:
 @pytest.mark.parametrize("steps", [1, 7])
 def test_nfe_exact(method, steps):
     rec = Recorder(ForcedLinear().velocity)
-    result = solve_ode(rec, X_START, method=method, steps=steps)
+    result = solve_ode(rec, X_START, method=method, steps=steps, path=LINEAR)
     assert result.nfe == steps * NFE_PER_STEP[method] == len(rec.times)
 
 
@@ -132,20 +139,21 @@ def test_stage_times(method, times):
 @pytest.mark.parametrize("method", list(FIXED_STEP_METHODS))
 def test_grid_equals_steps(method):
     v = Oscillating().velocity
-    by_steps = solve_ode(v, X_START, method=method, steps=10)
-    by_grid = solve_ode(v, X_START, method=method, grid=torch.linspace(0, 1, 11, dtype=F64))
+    by_steps = solve_ode(v, X_START, method=method, steps=10, path=LINEAR)
+    by_grid = solve_ode(v, X_START, method=method, grid=torch.linspace(0, 1, 11, dtype=F64), path=LINEAR)
     assert torch.equal(by_steps.x, by_grid.x) and torch.equal(by_steps.times, by_grid.times)
     assert by_steps.nfe == by_grid.nfe
 
 
 @pytest.mark.parametrize("method", list(FIXED_STEP_METHODS))
 def test_trajectory(method):
-    result = solve_ode(ForcedLinear().velocity, X_START, method=method, steps=5, return_trajectory=True)
+    result = solve_ode(ForcedLinear().velocity, X_START, method=method, steps=5, return_trajectory=True,
+                       path=LINEAR)
     assert isinstance(result, ODEResult)
     assert len(result.trajectory) == 6 == len(result.times)
     assert torch.equal(result.trajectory[0], X_START)
     assert torch.equal(result.trajectory[-1], result.x)
-    assert solve_ode(ForcedLinear().velocity, X_START, method=method, steps=5).trajectory is None
+    assert solve_ode(ForcedLinear().velocity, X_START, method=method, steps=5, path=LINEAR).trajectory is None
 
 
 def test_dtype_follows_input():
@@ -220,7 +228,7 @@ def test_solver_names():
 
 def test_argument_errors():
     v = ForcedLinear().velocity
-    with pytest.raises(ValueError, match="euler, midpoint, heun, rk4, ab2, dopri5"):
+    with pytest.raises(ValueError, match="euler, midpoint, heun, rk4, ab2, dpm2m, dopri5"):
         solve_ode(v, X_START, method="leapfrog", steps=4)
     with pytest.raises(ValueError):
         solve_ode(v, X_START, method="euler")  # neither steps nor grid
@@ -236,6 +244,10 @@ def test_argument_errors():
         solve_ode(v, X_START, method="euler", grid=torch.linspace(0, 1, 5), t0=0.5)
     with pytest.raises(ValueError):
         solve_ode(v, X_START, method="dopri5", steps=10)
+    with pytest.raises(ValueError, match="needs the probability path"):
+        solve_ode(v, X_START, method="dpm2m", steps=4)
+    with pytest.raises(ValueError, match="forwards only"):
+        solve_ode(v, X_START, method="dpm2m", grid=torch.linspace(1, 0, 5), path=LINEAR)
     # consistent t0 / t1 alongside a grid are fine
     solve_ode(v, X_START, method="euler", grid=torch.linspace(1, 0, 5), t0=1.0, t1=0.0)
 
@@ -286,3 +298,60 @@ def test_gaussian_flow_vp_between_inexact_ends():
     x_start = sched.alpha_t[0] * MU + scale[0] * z
     x_end = solve_ode(v, x_start, method="rk4", steps=50, t0=t0, t1=t1).x
     torch.testing.assert_close(x_end, sched.alpha_t[1] * MU + scale[1] * z, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# dpm2m: the exponential integrator
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: type(p).__name__)
+def test_dpm2m_second_order_on_any_ode(problem):
+    # a velocity that is not a flow's: the steps near t = 1 stay O(1) long in lambda = log(t/(1-t)),
+    # so the measured slope approaches 2 slowly (1.7-1.8 at these sizes); Euler's is 1
+    steps = np.array([32, 64, 128, 256])
+    errors = np.array([_error(problem, "dpm2m", int(n)) for n in steps])
+    slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert 1.6 < slope < 2.3, (slope, errors)
+    assert errors[-1] < _error(problem, "euler", int(steps[-1])) / 5
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_dpm2m_gaussian_converges_ahead_of_euler(name, one_thread):
+    # the flow setting it is made for, against the exact transport map, at euler's NFE. The
+    # first-order last step onto the data (error ~ 1 / (std^2 N^2)) dominates at small N, so the
+    # order shows over 32..256 steps
+    path = build_path(name)
+    v = gaussian_marginal_velocity(path, MU, STD)
+    x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    exact = MU + STD * x0
+    ns = (32, 64, 128, 256)
+    err = {}
+    for method in ("euler", "dpm2m"):
+        for n in ns:
+            res = solve_ode(v, x0, method=method, steps=n, path=path)
+            assert res.nfe == n
+            err[method, n] = (res.x - exact).pow(2).sum(1).mean().sqrt().item()
+    slope = -np.polyfit(np.log(ns), np.log([err["dpm2m", n] for n in ns]), 1)[0]
+    assert slope > 1.2, (slope, err)
+    assert err["dpm2m", 256] < err["euler", 256] / 10, err
+
+
+def test_dpm2m_first_step_from_noise_is_ddim():
+    # one step from pure noise with the linear path: x_1 = alpha_1 D(x0, 0), the data prediction
+    path = LINEAR
+    v = gaussian_marginal_velocity(path, MU, STD)
+    x0 = torch.randn(5, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    res = solve_ode(v, x0, method="dpm2m", steps=1, path=path)
+    t0 = torch.zeros(5, dtype=F64)
+    torch.testing.assert_close(res.x, path.velocity_to_x1(v(x0, t0), x0, t0))
+
+
+@pytest.mark.parametrize("method", ["euler", "ab2", "dpm2m", "heun"])
+def test_edm_grid_solves(method):
+    # every method walks the non-uniform EDM grid and converges on it
+    problem = ForcedLinear()
+    grid = time_grid(64, "edm", dtype=F64)
+    res = solve_ode(problem.velocity, X_START, method=method, grid=grid, path=LINEAR)
+    tol = 5e-2 if method == "euler" else 5e-3  # first order: the widest steps of the grid cost more
+    torch.testing.assert_close(res.x, problem.exact(X_START, 1.0), rtol=0, atol=tol)

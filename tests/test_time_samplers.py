@@ -189,7 +189,9 @@ def test_grid_dtype_and_device():
 
 
 def test_grid_errors():
-    assert set(GRIDS) == {"uniform", "shifted"}
+    assert set(GRIDS) == {"uniform", "shifted", "edm"}
+    with pytest.raises(ValueError, match="no effect on the 'edm' grid"):
+        time_grid(4, "edm", shift=2.0)
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError):
             time_grid(bad)
@@ -199,3 +201,19 @@ def test_grid_errors():
         time_grid(10, kind="uniform", shift=3.0)  # shift would be silently ignored
     with pytest.raises(ValueError):
         time_grid(10, kind="shifted", shift=0.0)
+
+
+def test_edm_grid():
+    # Karras et al.'s rho = 7 schedule of sigma = (1 - t) / t from 80 to 0.002, then t = 1
+    g = time_grid(8, "edm", dtype=torch.float64)
+    assert g[0] == 0.0 and g[-1] == 1.0 and bool((g[1:] > g[:-1]).all())
+    sigma = (1 - g[1:-1]) / g[1:-1]
+    i = torch.arange(1, 8, dtype=torch.float64) / 7
+    want = (80 ** (1 / 7) + i * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    torch.testing.assert_close(sigma, want)
+    assert float(g[-2]) == pytest.approx(1 / 1.002)
+    # small steps at both ends, large in the middle
+    steps = g[1:] - g[:-1]
+    assert steps[0] < steps[3] and steps[-1] < steps[3]
+    assert time_grid(1, "edm").tolist() == [0.0, 1.0]
+    assert time_grid(2, "edm", dtype=torch.float64)[1] == pytest.approx(1 / 1.002)

@@ -127,7 +127,9 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
                      grid: str | None = None, grid_shift: float | None = None,
                      batch_size: int = 64, label: int | None = None, use_ema: bool = True,
                      vae: str | None = None, device: str = "auto", progress: bool = True,
-                     cfg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0)) -> dict:
+                     cfg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
+                     nfe: int | None = None, diffusion: str | None = None,
+                     diffusion_norm: float | None = None) -> dict:
     """Write samples ``0 .. n-1`` of a checkpoint as ``out_dir/{i:06d}.png``; resumable; torchrun-aware.
 
     Sample ``i`` starts from the noise ``seeded_noise([i], data_shape, seed)`` and, for a
@@ -141,6 +143,8 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
         n: number of samples. Re-running with a larger ``n`` and the same settings extends the set.
         seed: noise seed (sample i uses ``sample_seed(seed, i)``).
         method, steps, grid, grid_shift: solver settings; None takes the run's ``sample`` section.
+        nfe: a budget of network evaluations per sample instead of ``steps`` (must be exact).
+        diffusion, diffusion_norm: the SDE sampler's (``method="euler_maruyama"``) diffusion.
         batch_size: samples per forward batch (per process); does not change the results.
         label: class for every sample (class-conditional models); None cycles through classes.
         use_ema: sample with the EMA weights (else the raw training weights).
@@ -162,7 +166,13 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     while the job runs). Joins the process group under torchrun (``distributed.init``) and leaves it
     joined: the caller calls ``distributed.cleanup()``.
     """
-    from flowmatch.sampling import generate, resolve_settings, seeded_noise
+    from flowmatch.paths import build_path
+    from flowmatch.sampling import (
+        SDE_METHODS,
+        generate_with_settings,
+        resolve_settings,
+        seeded_noise,
+    )
     from flowmatch.training import find_checkpoint, model_from_checkpoint
 
     t_start = time.perf_counter()
@@ -181,9 +191,11 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     num_classes = int(state["num_classes"])
     latent = state.get("latent")
     settings = resolve_settings(cfg.sample, method=method, steps=steps, grid=grid,
-                                grid_shift=grid_shift, label=label, num_classes=num_classes)
+                                grid_shift=grid_shift, label=label, num_classes=num_classes, nfe=nfe,
+                                diffusion=diffusion, diffusion_norm=diffusion_norm)
     method, steps, grid, grid_shift = (settings.method, settings.steps, settings.grid,
                                        settings.grid_shift)
+    path = build_path(cfg.path.scheduler, **cfg.path.params)
     if len(data_shape) != 3 and not latent:
         raise ValueError(f"a folder of PNGs needs image data; this model makes {data_shape} "
                          "(sample to a .npy file instead)")
@@ -201,6 +213,8 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
                 "data_shape": list(data_shape), "num_classes": num_classes,
                 "cfg_scale": float(cfg_scale), "cfg_interval": [float(v) for v in cfg_interval],
             }
+            if method in SDE_METHODS:
+                manifest.update(diffusion=settings.diffusion, diffusion_norm=settings.diffusion_norm)
             _prepare_folder(out, manifest)
             plan = {"ok": True}
         except Exception as error:
@@ -236,8 +250,8 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
                 if num_classes:
                     ids = torch.tensor(idx, device=dev)
                     y = torch.full_like(ids, label) if label is not None else ids % num_classes
-                res = generate(model, x0, y=y, method=method, steps=steps, grid=grid,
-                               grid_shift=grid_shift, atol=cfg.sample.atol, rtol=cfg.sample.rtol)
+                res = generate_with_settings(model, x0, settings, path=path, y=y, indices=idx, seed=seed,
+                                             atol=cfg.sample.atol, rtol=cfg.sample.rtol)
                 x = res.x
                 if autoencoder is not None:
                     x = autoencoder.decode(x, batch_size=batch_size)  # (b, 3, H, W)
