@@ -8,6 +8,7 @@
     flowmatch recon --vae DIR --images DIR [--out recon.png]
     flowmatch eval fid --samples DIR --ref DIR_OR_NPZ [--extractor inception|digits]
     flowmatch eval accuracy --samples DIR --classifier clf.pt [--image-size 16]
+    flowmatch eval nll RUN_DIR_OR_CHECKPOINT [--n 512] [--split test] [--divergence auto]
 
 Exit codes: 0 success, 1 training stopped by a non-finite loss, 2 bad input (config, checkpoint,
 data), 130 interrupted by Ctrl-C after writing a checkpoint.
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--image-size", type=int, default=256, help="square size images are resized/cropped to")
     rc.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
-    ev = sub.add_parser("eval", help="evaluate samples (FID, classifier accuracy)", formatter_class=_Formatter)
+    ev = sub.add_parser("eval", help="evaluate samples (FID, classifier accuracy) or likelihoods (NLL)", formatter_class=_Formatter)
     evsub = ev.add_subparsers(dest="eval_command", required=True, metavar="METRIC")
     fid = evsub.add_parser("fid", formatter_class=_Formatter,
                            help="FID (+ precision/recall) of a sample folder against reference images or stats",
@@ -174,6 +175,44 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--image-size", type=int, default=16, help="images are read at this square size")
     acc.add_argument("--batch-size", type=int, default=256, help="images per batch")
     acc.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    nll = evsub.add_parser("nll", formatter_class=_Formatter,
+                           help="negative log-likelihood (nats, bits/dim) of data under a trained flow",
+                           description="Integrates the flow backwards from each data point (t=1) "
+                                       "to the noise (t=0) with the instantaneous change of "
+                                       "variables, log p_1(x) = log N(x(0); 0, I) - int_0^1 div v dt. "
+                                       "Prints one JSON line and writes it to RUN_DIR/nll.json (or "
+                                       "--out). See flowmatch.evaluation.likelihood.")
+    nll.add_argument("checkpoint", help="run directory (uses checkpoints/latest.pt) or checkpoint file")
+    nll.add_argument("-n", "--n", type=int, default=512, help="number of data items (a seeded random subset)")
+    nll.add_argument("--split", default=None,
+                     help="data split, e.g. test (digits); default: the run's data set as trained")
+    nll.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                     help="replace one of the run's data parameters, e.g. --data seed=1 "
+                          "(repeatable; default: none)")
+    nll.add_argument("--divergence", default="auto",
+                     help="exact (one backward pass per dimension) | hutchinson (one per probe) | "
+                          "auto (exact when the data has <= 16 dimensions)")
+    nll.add_argument("--probe", default="rademacher", help="Hutchinson probe: rademacher | gaussian")
+    nll.add_argument("--probes", type=int, default=1, help="Hutchinson probes per sample, averaged")
+    nll.add_argument("--method", default=None,
+                     help="ODE solver (default: dopri5 if torchdiffeq is installed, else rk4; rk4 "
+                          "when --steps is given)")
+    nll.add_argument("--steps", type=int, default=None, help="steps of a fixed-step method (default: 32)")
+    nll.add_argument("--atol", type=float, default=1e-5, help="adaptive solver absolute tolerance")
+    nll.add_argument("--rtol", type=float, default=1e-5, help="adaptive solver relative tolerance")
+    nll.add_argument("--batch-size", type=int, default=256, help="items per batch")
+    nll.add_argument("--seed", type=int, default=0,
+                     help="seeds the subset, and item i's dequantisation noise and probes by (seed, i)")
+    nll.add_argument("--dequantize", default="auto",
+                     help="auto (8bit for image data on the 8-bit grid, none otherwise) | none "
+                          "(continuous density of the stored values) | 8bit (uniform "
+                          "dequantisation, bits/dim of the discrete pixels)")
+    nll.add_argument("--allow-approximate-prior", action="store_true",
+                     help="paths whose t=0 marginal is not N(0, I) (VP): score x(0) under "
+                          "N(0, sigma_0^2 I), an approximation")
+    nll.add_argument("--no-ema", action="store_true", help="use the raw training weights")
+    nll.add_argument("--out", default=None, help="JSON file to write (default: RUN_DIR/nll.json)")
+    nll.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
     inf = sub.add_parser("info", help="summarise the model a config builds (exact parameter count)",
                          formatter_class=_Formatter)
@@ -354,6 +393,8 @@ def _cmd_eval(args) -> int:
 
     _, device = distributed.init(args.device)
     try:
+        if args.eval_command == "nll":
+            return _eval_nll(args, device)
         if args.eval_command == "accuracy" or args.extractor == "digits":
             if args.classifier is None:
                 raise ConfigError("--classifier: the digits extractor needs a weights file (it is "
@@ -379,6 +420,37 @@ def _cmd_eval(args) -> int:
         return EXIT_OK
     finally:
         distributed.cleanup()
+
+
+def _eval_nll(args, device) -> int:
+    import json
+
+    import yaml
+
+    from flowmatch import distributed
+    from flowmatch.atomic import atomic_write_json
+    from flowmatch.config import ConfigError
+    from flowmatch.evaluation.likelihood import evaluate_nll
+    from flowmatch.training.checkpoint import find_checkpoint
+
+    data_params = {"split": args.split} if args.split is not None else {}
+    for item in args.data:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--data: expected KEY=VALUE, got {item!r}")
+        data_params[key] = yaml.safe_load(value)
+    res = evaluate_nll(args.checkpoint, n=args.n, data_params=data_params, divergence=args.divergence,
+                       probe=args.probe, n_probes=args.probes, method=args.method, steps=args.steps,
+                       atol=args.atol, rtol=args.rtol, batch_size=args.batch_size, seed=args.seed,
+                       use_ema=not args.no_ema, device=device, dequantize_mode=args.dequantize,
+                       allow_approximate_prior=args.allow_approximate_prior)
+    file = find_checkpoint(args.checkpoint)
+    run_dir = file.parent.parent if file.parent.name == "checkpoints" else file.parent
+    out = Path(args.out) if args.out else run_dir / "nll.json"
+    if distributed.is_main():
+        atomic_write_json(out, res)
+    distributed.print0(json.dumps(res))
+    return EXIT_OK
 
 
 def _cmd_info(args) -> int:
