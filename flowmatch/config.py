@@ -10,7 +10,8 @@ keyword arguments *flat* next to the name::
     model: {arch: unet, base_channels: 64}          # -> flowmatch.models.MODEL_REGISTRY
     data:  {kind: digits, image_size: 16}            # -> flowmatch.data.DATASET_KINDS
     path:  {scheduler: linear, sigma_min: 0.0}       # -> flowmatch.paths.SCHEDULERS
-    train: {time_sampler: {name: logit_normal, mean: 0.0, std: 1.0, shift: 1.0}}
+    train: {time_sampler: {name: logit_normal, mean: 0.0, std: 1.0, shift: 1.0},
+            coupling: {name: sinkhorn, reg: 0.05, iters: 100}}    # -> flowmatch.coupling.COUPLINGS
 
 Those extra keys are validated against the chosen implementation's signature (or its config
 dataclass), so ``model.base_chanels=32`` fails naming ``model.base_chanels``. The resolved config
@@ -37,6 +38,7 @@ __all__ = [
     "ModelConfig",
     "PathConfig",
     "TimeSamplerConfig",
+    "CouplingConfig",
     "TrainConfig",
     "SampleConfig",
     "load_config",
@@ -104,6 +106,21 @@ class TimeSamplerConfig:
 
 
 @dataclass
+class CouplingConfig:
+    """How noise is paired with data in a batch (minibatch OT, "OT-CFM"). Extra keys go to the method.
+
+    none: independent pairs. exact: the optimal permutation (scipy, CPU). sinkhorn: entropic OT on
+    the training device (reg: relative to the mean pair cost; iters: the most iterations) rounded to
+    a permutation. Class-conditional models are coupled within each class. See flowmatch.coupling.
+    """
+
+    name: str = "none"  # none | exact | sinkhorn
+    params: dict = field(default_factory=dict)
+
+    _tag = "name"
+
+
+@dataclass
 class TrainConfig:
     steps: int = 2000  # optimizer steps
     batch_size: int = 128  # samples per process per micro-step; global batch = this x processes x grad_accum
@@ -121,6 +138,7 @@ class TrainConfig:
     label_dropout: float = 0.0  # probability of training a sample with the null class (for guidance)
     mixed_precision: str = "auto"  # auto (bf16 on CUDA when supported, off on CPU) | no | bf16 | fp16
     time_sampler: TimeSamplerConfig = field(default_factory=TimeSamplerConfig)
+    coupling: CouplingConfig = field(default_factory=CouplingConfig)  # pairing of noise and data
     log_every: int = 50  # steps between metric lines in metrics.jsonl
     sample_every: int = 500  # steps between EMA sample grids; 0 disables
     save_every: int = 500  # steps between writes of checkpoints/latest.pt; 0 = only at the end
@@ -184,6 +202,10 @@ def _registry(section: str) -> dict[str, Any]:
         from flowmatch.time_samplers import TIME_SAMPLERS
 
         return dict(TIME_SAMPLERS)
+    if section == "train.coupling":
+        from flowmatch.coupling import COUPLINGS
+
+        return dict(COUPLINGS)
     raise KeyError(section)
 
 
@@ -414,6 +436,19 @@ def _validate(cfg: Config) -> None:
         build_time_sampler(t.time_sampler.name, shift=t.time_sampler.shift, **t.time_sampler.params)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"train.time_sampler: {e}") from None
+    cp = t.coupling.params
+    if "reg" in cp:
+        need(cp["reg"] > 0, "train.coupling.reg", "must be > 0 (a fraction of the mean pair cost)")
+    if "iters" in cp:
+        need(cp["iters"] >= 1, "train.coupling.iters", "must be >= 1")
+    if "tol" in cp:
+        need(cp["tol"] > 0, "train.coupling.tol", "must be > 0")
+    from flowmatch.coupling import build_coupling
+
+    try:
+        build_coupling(t.coupling.name, **cp)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"train.coupling: {e}") from None
 
 
 def config_from_dict(raw: dict) -> Config:

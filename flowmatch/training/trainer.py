@@ -10,10 +10,16 @@ Reproducibility is by construction rather than by saving RNG states: everything 
 seeded by ``(seed, s, micro-step)``. The random draws cover the *global* batch and each process
 takes its slice, so a run resumed at step k continues exactly as if it had never stopped, and the
 batch a step sees does not depend on how many processes share it.
+
+With ``train.coupling`` (minibatch OT, :mod:`flowmatch.coupling`) the pairing of noise and data is
+part of that pure function: every process computes the same permutation of the *global* batch's
+noise rows, then takes its slice. For in-memory data the coupling of micro-step ``k + 1`` is
+computed in a background thread while step ``k`` trains (same function of ``k``, own generators).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -28,6 +34,7 @@ from torch import nn
 
 from flowmatch import distributed
 from flowmatch.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config
+from flowmatch.coupling import build_coupling
 from flowmatch.data import build_dataset
 from flowmatch.imageio import save_image_grid, save_line_plot, save_scatter
 from flowmatch.models import build_model, count_parameters
@@ -141,6 +148,16 @@ class _LoaderFromStream:
         return x, torch.as_tensor(y)
 
 
+def _all_gather(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The concatenation over ranks (in rank order) of equal-shaped ``x``; ``x`` in one process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x
+    x = x.to(device).contiguous()
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x)
+    return torch.cat(parts)
+
+
 def _in_memory(dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(X, Y) tensors for a data set that already lives in memory (toys, digits), else None."""
     for name in ("points", "images"):
@@ -226,6 +243,14 @@ class Trainer:
             self.ema_decay = ema_decay_from_halflife(tc.ema_halflife_images, self.images_per_step)
         else:
             self.ema_decay = tc.ema_decay
+
+        # Minibatch OT coupling: a pure function of the micro-step, so prefetchable ---------------
+        self.coupling = build_coupling(tc.coupling.name, **tc.coupling.params)
+        self.coupled = tc.coupling.name != "none"
+        # The background thread reads batch indices from its own stream (BatchStream caches state).
+        self._coupling_stream = BatchStream(len(self.dataset), self.global_batch, cfg.seed)
+        self._prefetch_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._prefetched: tuple[int, concurrent.futures.Future] | None = None
 
         # Mixed precision: a no-op context on CPU ----------------------------------------------
         self.amp_dtype = self._amp_dtype(tc.mixed_precision)
@@ -323,29 +348,92 @@ class Trainer:
             return X[idx], Y[idx]
         return loader.next()
 
-    def _micro_step(self, k: int, loader) -> torch.Tensor:
-        """Loss of micro-step ``k`` (already divided by grad_accum), backward done by the caller."""
-        tc = self.cfg.train
-        G, B, r = self.global_batch, tc.batch_size, self.dist.rank
-        x1, y = self._local_batch(k, loader)
-        # All randomness of this micro-step, drawn for the global batch on the CPU; we take our slice.
+    def _step_draws(self, k: int):
+        """All randomness of micro-step ``k`` for the *global* batch, drawn on the CPU in a fixed
+        order from a fresh generator seeded by ``(seed, k)``: (x0, t, flip, drop, eps or None)."""
+        tc, G = self.cfg.train, self.global_batch
         g = self._step_generator(k)
-        x0 = torch.randn((G, *self.data_shape), generator=g)[r * B:(r + 1) * B]
-        t = self.time_sampler(G, generator=g)[r * B:(r + 1) * B]
-        flip = torch.rand(G, generator=g)[r * B:(r + 1) * B] < 0.5
-        drop = torch.rand(G, generator=g)[r * B:(r + 1) * B] < tc.label_dropout
-        torch.manual_seed(sample_seed(self.cfg.seed * 1000 + _STREAM_STEP, k) + r)  # dropout masks
+        x0 = torch.randn((G, *self.data_shape), generator=g)
+        t = self.time_sampler(G, generator=g)
+        flip = torch.rand(G, generator=g) < 0.5
+        drop = torch.rand(G, generator=g) < tc.label_dropout
+        eps = torch.randn((G, *self.data_shape), generator=g) if self.posterior else None
+        return x0, t, flip, drop, eps
 
+    def _pairs(self, k: int, x1: torch.Tensor, rows: slice):
+        """(x0, x1, t, drop) for the batch rows ``rows`` of micro-step ``k``; ``x1`` holds those rows."""
+        x0, t, flip, drop, eps = (d if d is None else d[rows] for d in self._step_draws(k))
         x1 = x1.to(self.device, non_blocking=True).float()
-        if self.posterior:
+        if eps is not None:
             # A latent store in posterior mode gives [mean, std] (both normalised): draw a fresh
             # latent z = m + s * eps from this step's generator, so resume stays exact.
-            eps = torch.randn((G, *self.data_shape), generator=g)[r * B:(r + 1) * B]
             mean, std = x1.chunk(2, dim=1)
             x1 = torch.addcmul(mean, std, eps.to(self.device))
         if self.cfg.data.hflip:
             x1 = torch.where(flip.view(-1, 1, 1, 1).to(self.device), x1.flip(-1), x1)
-        x0, t = x0.to(self.device), t.to(self.device)
+        return x0.to(self.device), x1, t.to(self.device), drop
+
+    def _coupled_global_batch(self, k: int, x1: torch.Tensor | None = None,
+                              y: torch.Tensor | None = None):
+        """The global batch of micro-step ``k`` with its noise rows re-paired by the coupling.
+
+        ``x1, y``: the global data batch, or None to read it from the in-memory data set (what the
+        prefetch thread does). The coupling sees x1 exactly as trained on (posterior draw and flip
+        applied) and, for class-conditional models, the true labels (before label dropout: dropped
+        samples keep their class-wise pairing, still a coupling of the two marginals).
+        Returns global (x0, x1, t, y, drop).
+        """
+        if x1 is None:
+            X, Y = self.memory
+            idx = self._coupling_stream.global_indices(k)
+            x1, y = X[idx], Y[idx]
+        x0, x1, t, drop = self._pairs(k, x1, slice(None))
+        labels = y if self.cfg.model.class_cond else None
+        perm = self.coupling(x0, x1, labels)  # noise row perm[i] pairs with data row i
+        return x0[perm], x1, t, y, drop
+
+    def _coupled_batch(self, k: int, loader):
+        """This process's slice of :meth:`_coupled_global_batch` for micro-step ``k``."""
+        B, r = self.cfg.train.batch_size, self.dist.rank
+        if self.memory is None:
+            x1, y = loader.next()  # our slice; every process needs the whole batch
+            batch = self._coupled_global_batch(k, _all_gather(x1, self.device), _all_gather(y, self.device))
+        elif self._prefetch_pool is None:
+            batch = self._coupled_global_batch(k)
+        else:
+            pool, ahead = self._prefetch_pool, self._prefetched
+            fut = ahead[1] if ahead is not None and ahead[0] == k else pool.submit(self._coupled_global_batch, k)
+            if ahead is not None and ahead[0] != k:
+                ahead[1].cancel()
+            self._prefetched = None
+            if k + 1 < self.cfg.train.steps * self.cfg.train.grad_accum:  # overlaps with step k
+                self._prefetched = (k + 1, pool.submit(self._coupled_global_batch, k + 1))
+            batch = fut.result()
+        rows = slice(r * B, (r + 1) * B)
+        return tuple(v[rows] for v in batch)
+
+    def _start_prefetch(self) -> None:
+        if self.coupled and self.memory is not None and self._prefetch_pool is None:
+            self._prefetch_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="flowmatch-coupling")
+
+    def _stop_prefetch(self) -> None:
+        """Shut the coupling thread down (waits for a running job: milliseconds); drop queued work."""
+        pool, self._prefetch_pool, self._prefetched = self._prefetch_pool, None, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _micro_step(self, k: int, loader) -> torch.Tensor:
+        """Loss of micro-step ``k`` (already divided by grad_accum), backward done by the caller."""
+        tc = self.cfg.train
+        B, r = tc.batch_size, self.dist.rank
+        if self.coupled:
+            x0, x1, t, y, drop = self._coupled_batch(k, loader)
+        else:
+            # All randomness of this micro-step is drawn for the global batch; we take our slice.
+            x1, y = self._local_batch(k, loader)
+            x0, x1, t, drop = self._pairs(k, x1, slice(r * B, (r + 1) * B))
+        torch.manual_seed(sample_seed(self.cfg.seed * 1000 + _STREAM_STEP, k) + r)  # dropout masks
         cond = None
         if self.cfg.model.class_cond:
             cond = y.to(self.device).long()
@@ -517,6 +605,7 @@ class Trainer:
         loss_sum = 0.0  # the logged loss is the mean over the steps since the last log line
         self.model.train()
         try:
+            self._start_prefetch()  # the coupling of the next micro-step, in a background thread
             while self.step < tc.steps:
                 loss, grad_norm = self._train_step(loader)
                 loss_sum += loss
@@ -546,6 +635,7 @@ class Trainer:
                     status = "interrupted"
                     break
         finally:
+            self._stop_prefetch()
             if bar is not None:
                 bar.close()
             if old_handler is not None:
