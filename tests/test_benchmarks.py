@@ -140,3 +140,129 @@ def test_synthetic_store_is_a_valid_latent_store(tmp_path):
     assert len(store) == 10 and x.shape == (4, 32, 32) and x.dtype == torch.float32 and y == 0
     raw = torch.from_numpy(np.load(folder / "latents.npy")[3].astype("float32"))
     torch.testing.assert_close(x, raw)  # channel mean 0, std 1: normalisation is the identity
+
+
+def test_toy2d_protocol_quick_run(tmp_path, capsys):
+    """--quick end to end: every variant trains or is skipped with its reason; tables and JSON."""
+    bench = _load("toy2d_protocol")
+    out_json = tmp_path / "toy2d.json"
+    results = bench.main(["--quick", "--json", str(out_json), "--work-dir", str(tmp_path / "work")])
+    printed = capsys.readouterr().out
+    assert "### checkerboard: exact W2" in printed and "### Summary" in printed
+
+    saved = json.loads(out_json.read_text())
+    assert saved["protocol"] == results["protocol"]
+    assert saved["protocol"]["steps"] == 200 and saved["protocol"]["n"] == 300
+    assert {"cpu_model", "threads", "torch", "packages"} <= set(saved["machine"])
+    methods = saved["targets"]["checkerboard"]["methods"]
+    assert list(methods) == list(bench.VARIANTS)
+    # flowmatch-ot needs train.coupling (another change); until then it is skipped, with the reason
+    ot = methods["flowmatch-ot"]
+    assert ot["status"] == "ok" or "ConfigError" in ot["reason"]
+    for name in ("flowmatch", "torchcfm-cfm", "torchcfm-otcfm", "fm-condot"):
+        method = methods[name]
+        assert method["status"] == "ok", method.get("reason")
+        assert method["train"]["s_per_1k_steps"] > 0
+        for cell in method["cells"]:
+            assert "error" not in cell, (name, cell)
+            if cell["solver"] == bench.ADAPTIVE:
+                assert cell["nfe"] > 0 and cell["nfe_budget"] is None
+            else:  # every solver's NFE is counted and must match the budget
+                assert cell["nfe"] == cell["nfe_budget"] and cell["nfe_budget"] in (1, 4)
+            assert cell["finite"] and cell["w2"] > 0 and cell["sw2"] > 0
+    # Same data, noise, times, init and optimizer: the three independent-coupling trainings are the
+    # same computation (t = 0 is the noise in all three), so their euler samples coincide.
+    def euler_w2(name):
+        return [c["w2"] for c in methods[name]["cells"] if c["solver"] == "euler"]
+    assert euler_w2("torchcfm-cfm") == pytest.approx(euler_w2("flowmatch"), rel=1e-5)
+    assert euler_w2("fm-condot") == pytest.approx(euler_w2("flowmatch"), rel=1e-5)
+    floor = saved["targets"]["checkerboard"]["floor"]
+    assert floor["w2"] > 0 and floor["seeds"] == 3
+    assert {r["method"] for r in saved["summary"]} >= {"flowmatch", "torchcfm-otcfm", "floor (two true sets)"}
+
+
+def test_toy2d_protocol_metrics():
+    bench = _load("toy2d_protocol")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 2, generator=g)
+    shift = torch.tensor([0.3, -0.4])
+    # A permutation is free; a translation by c costs exactly |c| (the identity assignment is optimal).
+    assert bench.exact_w2(x, x[torch.randperm(200, generator=g)], solver="lsa") == pytest.approx(0.0, abs=1e-12)
+    assert bench.exact_w2(x, x + shift, solver="lsa") == pytest.approx(0.5, rel=1e-6)  # fp32 rounding
+    y = torch.rand(200, 2, generator=g) * 4 - 2
+    ot = pytest.importorskip("ot")
+    # The assignment, our emd call and POT's emd2 with explicit uniform weights: one number.
+    cost = torch.cdist(x.double(), y.double()).pow(2).numpy()
+    emd = float(np.sqrt(ot.emd2(ot.unif(200), ot.unif(200), cost)))
+    assert bench.exact_w2(x, y, solver="lsa") == pytest.approx(emd, rel=1e-9)
+    assert bench.exact_w2(x, y, solver="emd") == pytest.approx(emd, rel=1e-9)
+    assert bench.w2_solver() == "emd"
+    # Unbiased MMD^2 against its closed form for N(0, I) vs N(mu, I) in d = 2: per bandwidth s,
+    # E k(x, x') = c = s^2 / (s^2 + 2) and E k(x, y) = c exp(-|mu|^2 / (2 (s^2 + 2))).
+    a, b = torch.randn(1000, 2, generator=g), torch.randn(1000, 2, generator=g)
+    mu2 = 2.0  # b + 1: mu = (1, 1)
+    exact = np.mean([2 * s * s / (s * s + 2) * (1 - np.exp(-mu2 / (2 * (s * s + 2))))
+                     for s in bench.MMD_BANDWIDTHS])
+    assert bench.mmd2_rbf(a, b + 1.0) == pytest.approx(exact, abs=0.01)
+    assert abs(bench.mmd2_rbf(a, b)) < 0.005
+
+
+def test_digits_protocol_quick_run(tmp_path, capsys, monkeypatch):
+    """--quick end to end: every variant trains or is skipped with its reason; tables and JSON."""
+    bench = _load("digits_protocol")
+    # A variant whose config our Trainer rejects is skipped with the reason; the run goes on.
+    broken = bench.Variant("flowmatch-typo", bench._ours(["train.no_such_option=1"]), bench.sample_ours,
+                           bench.OUR_SOLVERS, "a mistyped option")
+    monkeypatch.setitem(bench.VARIANTS, broken.name, broken)
+    out_json, work = tmp_path / "digits.json", tmp_path / "work"
+    results = bench.main(["--quick", "--json", str(out_json), "--work-dir", str(work)])
+    printed = capsys.readouterr().out
+    assert "### Training: 30 steps x batch 16" in printed
+    assert "### FID of 64 images vs the train split (1438)" in printed
+    assert "| floor: 64 real test images |" in printed
+
+    saved = json.loads(out_json.read_text())
+    assert saved["protocol"] == results["protocol"]
+    assert saved["protocol"]["steps"] == 30 and saved["protocol"]["n"] == 64
+    assert {"cpu_model", "threads", "torch", "packages"} <= set(saved["machine"])
+    assert saved["n_reference"] == 1438 and saved["floor"]["n"] == 64 and saved["floor"]["fid"] > 0
+    assert (work / "digits_classifier_16px_10steps.pt").is_file()  # cached for the next run
+    methods = saved["methods"]
+    assert list(methods) == list(bench.VARIANTS)
+    assert methods["flowmatch-typo"]["status"] == "skipped"
+    assert "train.no_such_option" in methods["flowmatch-typo"]["reason"]
+    # flowmatch-ot needs train.coupling (another change); until then it is skipped, with the reason
+    ot = methods["flowmatch-ot"]
+    assert ot["status"] == "ok" or "ConfigError" in ot["reason"]
+    for name in ("flowmatch", "torchcfm-cfm", "torchcfm-otcfm", "fm-condot"):
+        method = methods[name]
+        assert method["status"] == "ok", method.get("reason")
+        assert method["train"]["s_per_1k_steps"] > 0
+        assert {c["solver"] for c in method["cells"]} >= {"euler", "midpoint", bench.ADAPTIVE}
+        for cell in method["cells"]:
+            assert "error" not in cell, (name, cell)
+            if cell["solver"] == bench.ADAPTIVE:
+                assert cell["nfe"] > 0 and cell["nfe_budget"] is None
+            else:  # every solver's NFE is counted and must match the budget
+                assert cell["nfe"] == cell["nfe_budget"] == 8
+            assert cell["finite"] and cell["fid"] > 0 and cell["n"] == 64
+            assert 0 <= cell["precision"] <= 1 and 0 <= cell["recall"] <= 1
+    # Same data, noise, times, init, optimizer and EMA: the three independent-coupling trainings are
+    # the same computation (t = 0 is the noise in all three), so losses and samples coincide.
+    def fids(name):
+        return {c["solver"]: c["fid"] for c in methods[name]["cells"] if c["solver"] in ("euler", "midpoint")}
+    for peer in ("torchcfm-cfm", "fm-condot"):
+        assert methods[peer]["train"]["mean_loss"] == pytest.approx(methods["flowmatch"]["train"]["mean_loss"],
+                                                                   rel=1e-5)
+        assert fids(peer) == pytest.approx(fids("flowmatch"), rel=1e-4)
+
+
+def test_digits_protocol_classifier_is_cached(tmp_path):
+    bench = _load("digits_protocol")
+    p = bench.replace(bench.QUICK, classifier_steps=2)
+    lines = []
+    first = bench.load_or_train_classifier(tmp_path, p, lines.append)
+    second = bench.load_or_train_classifier(tmp_path, p, lines.append)
+    assert not first["cached"] and second["cached"] and first["path"] == second["path"]
+    assert second["test_accuracy"] == first["test_accuracy"] and second["steps"] == 2
+    assert "trained" in lines[0] and "loaded" in lines[1]

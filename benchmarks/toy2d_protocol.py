@@ -1,0 +1,745 @@
+"""2-D quality per NFE: flowmatch against torchcfm and Meta's flow_matching, same network, same data.
+
+    python benchmarks/toy2d_protocol.py [--targets checkerboard,8gaussians,moons,spirals]
+        [--variants flowmatch,flowmatch-ot,torchcfm-cfm,torchcfm-otcfm,fm-condot] [--steps 4000]
+        [--n 2000] [--nfe 1,2,4,8,16,32,100] [--threads 1] [--jobs 2] [--json PATH] [--quick]
+
+Protocol (the defaults are the protocol; ``benchmarks/README.md`` has the command and the results).
+Time convention everywhere: t = 0 is the noise x0 ~ N(0, I), t = 1 the data.
+
+1. Training, identical for every variant but for how (x_t, u_t) is built from (x0, x1, t):
+   flowmatch's MLP (hidden 128, depth 4, 0.11M parameters), initialised after
+   ``torch.manual_seed(seed)``; 4000 steps of batch 256; AdamW with weight decay 0 (= Adam), lr 1e-3
+   on a cosine decay to 0, no warm-up, no gradient clipping. The data (100,000 points of
+   ``Toy2D(name, seed=0)``), their order (``BatchStream``), the noise x0 and the times t ~ U[0, 1]
+   of step k are the ones our Trainer draws at step k, so every variant sees the same numbers.
+   Ours go through the real ``Trainer`` (a run directory in ``--work-dir``; no sample grids, one
+   checkpoint at the end) and are reloaded with ``model_from_checkpoint``. Peers are trained by a
+   plain loop around their own loss helpers. EMA is off for all: the raw weights are evaluated (our
+   Trainer still updates its EMA copy each step; that update is inside our training time, its
+   weights are not used).
+2. Evaluation, per trained model: the same 2000 noise points (``seeded_noise``, seed 1000) are
+   integrated from t = 0 to 1 with euler (NFE steps), midpoint (NFE/2 steps, even NFE), and for
+   ours also ``ab2`` and ``dpm2m`` (1 NFE per step; dpm2m only once ``flowmatch.solvers`` has it),
+   for NFE in {1, 2, 4, 8, 16, 32, 100}, plus dopri5 at atol = rtol = 1e-5 (its counted NFE is
+   reported). Each method samples with its own library: ours with ``flowmatch.sampling.generate``,
+   flow_matching with its ``ODESolver``, torchcfm (no solver of its own without torchdyn) with
+   ``torchdiffeq.odeint`` on a uniform grid. NFE is counted around the network in every case.
+3. Metrics against 2000 fresh target points (``sample_toy2d``, seed 1000, not the training set):
+   exact W2 (squared-distance cost, solved exactly by POT's ``emd2``, or by the optimal assignment
+   ``scipy.optimize.linear_sum_assignment`` without POT: the same number for two uniform sets of one
+   size), sliced W2 (``flowmatch.evaluation.sliced_wasserstein``, 256 directions) and the unbiased
+   MMD^2 with an RBF kernel averaged over the bandwidths ``MMD_BANDWIDTHS``. Floor: the same metrics
+   between the reference set and an independent true set (seeds 1001-1003, mean of 3).
+4. Training time: seconds per 1000 steps of the loop alone (no set-up, checkpoint or final grid),
+   ``torch.set_num_threads(--threads)``. ``--jobs 2`` (the default) runs two targets at a time in two
+   processes, which is what fits the full run on a 2-core machine; ``--jobs 1`` times each loop with
+   the other core idle.
+
+Output: one table per target (rows method x solver, columns NFE, cells exact W2), a summary (best W2
+at NFE 1, 2, 4 and dopri5, training s/1000 steps) and ``--json`` with every number and the machine.
+A variant that cannot run (a peer not installed, an option our config does not know yet) is skipped
+with a printed note; so is a solver that fails. ``--quick`` is a smoke run: one target, 200 steps,
+300 points, NFE {1, 4}, and its JSON goes to a separate default file.
+"""
+
+# No `from __future__ import annotations`: with string annotations, @dataclass looks the module up in
+# sys.modules, and the tests load this script by path without registering it there.
+import argparse
+import concurrent.futures
+import contextlib
+import importlib.metadata
+import io
+import json
+import math
+import multiprocessing
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from flowmatch import solvers
+from flowmatch.config import ConfigError, load_config
+from flowmatch.data import build_dataset
+from flowmatch.data.toy2d import TOY2D_NAMES, sample_toy2d
+from flowmatch.evaluation import sliced_wasserstein
+from flowmatch.paths import AffinePath, build_path
+from flowmatch.sampling import FIXED_STEP_NFE, generate, sample_seed, seeded_noise
+from flowmatch.time_samplers import build_time_sampler
+from flowmatch.training import (
+    BatchStream,
+    Trainer,
+    build_model_from_config,
+    lr_at,
+    model_from_checkpoint,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "toy2d.yaml"
+DEFAULT_JSON = ROOT / "benchmarks" / "results" / "toy2d_protocol.json"
+QUICK_JSON = ROOT / "benchmarks" / "results" / "toy2d_protocol_quick.json"
+
+NFES = (1, 2, 4, 8, 16, 32, 100)
+#: RBF bandwidths of the MMD kernel k(a, b) = mean_s exp(-|a - b|^2 / (2 s^2)): from half the
+#: 8gaussians' std (0.1) up to the scale of the whole figure (~4), each twice the previous.
+MMD_BANDWIDTHS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+ADAPTIVE = "dopri5"
+ADAPTIVE_TOL = 1e-5
+FLOOR_SEEDS = 3
+#: In --quick, these replace the defaults of the options not given on the command line.
+QUICK = {"targets": ["checkerboard"], "steps": 200, "n": 300, "nfe": [1, 4], "jobs": 1}
+FULL = {"targets": list(TOY2D_NAMES), "steps": 4000, "n": 2000, "nfe": list(NFES), "jobs": 2}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Everything that must be the same for every variant."""
+
+    steps: int = 4000
+    batch_size: int = 256
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    hidden: int = 128
+    depth: int = 4
+    seed: int = 0  # model init, data order, training noise and times
+    n: int = 2000  # evaluation samples
+    nfes: tuple[int, ...] = NFES
+    eval_seed: int = 1000  # evaluation noise and reference set; floors use eval_seed + 1, + 2, + 3
+    threads: int = 1  # torch threads per process
+    jobs: int = 1  # processes running targets side by side
+
+
+@dataclass
+class Trained:
+    """A trained velocity model v(x, t) and what its training cost."""
+
+    model: nn.Module
+    path: AffinePath  # the probability path it was trained on (dpm2m needs it)
+    loop_seconds: float  # the training loop only
+    final_loss: float  # ours: mean over the loop's one log interval (the whole run); peers: the same
+
+
+#################################################################################
+#                                 Machine facts                                 #
+#################################################################################
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_facts(threads: int) -> dict:
+    """What a reader needs to compare two runs of this script."""
+    return {
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "packages": {name: package_version(name) for name in
+                     ("flowmatch", "torchcfm", "flow_matching", "torchdiffeq", "POT", "scipy")},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+#################################################################################
+#                                    Metrics                                    #
+#################################################################################
+
+
+def exact_w2(x: torch.Tensor, y: torch.Tensor, solver: str = "auto") -> float:
+    """W2 between two uniform point sets of the same size N, solved exactly.
+
+    ``W2^2 = min_perm (1/N) sum_i |x_i - y_perm(i)|^2``: for equal sizes and uniform weights an
+    optimal plan is a permutation (Birkhoff), so the optimal assignment
+    (``scipy.optimize.linear_sum_assignment``, ``solver="lsa"``) and POT's network simplex
+    (``ot.emd2``, ``solver="emd"``) give the same number. ``"auto"`` is emd when POT is installed:
+    the assignment solver degrades badly on collapsed sets (1-NFE samples near the data mean: 10-35 s
+    at N = 2000 against ~1 s for emd). x, y: (N, D).
+    """
+    from scipy.spatial.distance import cdist
+
+    if x.shape != y.shape:
+        raise ValueError(f"exact_w2 needs two sets of the same shape, got {tuple(x.shape)}, {tuple(y.shape)}")
+    if solver not in ("auto", "emd", "lsa"):
+        raise ValueError(f"solver must be auto, emd or lsa, got {solver!r}")
+    cost = cdist(x.double().numpy(), y.double().numpy(), "sqeuclidean")  # (N, N)
+    if solver == "auto":
+        solver = "emd" if w2_solver() == "emd" else "lsa"
+    if solver == "emd":
+        import ot
+
+        value, log = ot.emd2([], [], cost, numItermax=10**8, log=True)  # [] = uniform weights
+        if log["warning"] is not None:
+            raise RuntimeError(f"ot.emd2 did not reach the optimum: {log['warning']}")
+        return float(math.sqrt(max(value, 0.0)))
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost)
+    return float(math.sqrt(cost[rows, cols].mean()))
+
+
+def w2_solver() -> str:
+    """What ``exact_w2(solver="auto")`` uses here: "emd" (POT installed) or "lsa"."""
+    try:
+        import ot  # noqa: F401
+    except ImportError:
+        return "lsa"
+    return "emd"
+
+
+def _kernel_sum(a: torch.Tensor, b: torch.Tensor, bandwidths) -> torch.Tensor:
+    """sum_ij mean_s exp(-|a_i - b_j|^2 / (2 s^2)), float64. When one bandwidth is half the previous
+    (larger) one, its kernel is the previous one to the 4th power: two squarings instead of an exp."""
+    d2 = torch.cdist(a, b).pow(2)  # (A, B)
+    total, prev_s, prev_k = torch.zeros((), dtype=torch.float64), None, None
+    for s in sorted(bandwidths, reverse=True):
+        if prev_s is not None and prev_s == 2 * s:
+            k = prev_k.square().square()  # exp(-d2 / (2 s^2)) = exp(-d2 / (2 (2s)^2))^4
+        else:
+            k = torch.exp(-d2 / (2.0 * s * s))
+        total, prev_s, prev_k = total + k.sum(), s, k
+    return total / len(bandwidths)
+
+
+def mmd2_rbf(x: torch.Tensor, y: torch.Tensor, bandwidths=MMD_BANDWIDTHS,
+             yy: float | None = None) -> float:
+    """Unbiased MMD^2 with k(a, b) = mean_s exp(-|a - b|^2 / (2 s^2)) (so k(a, a) = 1).
+
+    ``MMD^2 = E k(x, x') + E k(y, y') - 2 E k(x, y)`` with the diagonals left out of the first two
+    means; it can be slightly negative when the sets come from the same distribution. x (N, D),
+    y (M, D); ``yy``: ``E k(y, y')`` if already known (the reference set's term is computed once).
+    """
+    x, y = x.double(), y.double()
+    n, m = len(x), len(y)
+    kxx = (_kernel_sum(x, x, bandwidths) - n) / (n * (n - 1))  # the diagonal: n ones
+    kyy = (_kernel_sum(y, y, bandwidths) - m) / (m * (m - 1)) if yy is None else yy
+    kxy = _kernel_sum(x, y, bandwidths) / (n * m)
+    return float(kxx + kyy - 2.0 * kxy)
+
+
+class Reference:
+    """The target points samples are scored against, with what can be computed once."""
+
+    def __init__(self, points: torch.Tensor):
+        self.points = points  # (n, 2)
+        n = len(points)
+        self.kyy = float((_kernel_sum(points.double(), points.double(), MMD_BANDWIDTHS) - n) / (n * (n - 1)))
+        self._cache: dict[bytes, dict] = {}
+
+    def metrics(self, x: torch.Tensor) -> dict:
+        """Exact W2, sliced W2 and MMD^2 of samples x (None where x is not finite). Bit-identical
+        sample sets (euler, ab2 and dpm2m all take an Euler step at NFE 1; identically trained
+        variants) are scored once."""
+        key = x.detach().float().contiguous().numpy().tobytes()
+        if key not in self._cache:
+            if not bool(torch.isfinite(x).all()):
+                out = {"w2": None, "sw2": None, "mmd2": None, "finite": False}
+            else:
+                out = {"w2": exact_w2(x, self.points), "sw2": sliced_wasserstein(x, self.points),
+                       "mmd2": mmd2_rbf(x, self.points, yy=self.kyy), "finite": True}
+            self._cache[key] = out
+        return dict(self._cache[key])
+
+
+def mean_metrics(rows: list[dict]) -> dict:
+    return {k: sum(r[k] for r in rows) / len(rows) for k in ("w2", "sw2", "mmd2")}
+
+
+#################################################################################
+#                                    Training                                   #
+#################################################################################
+
+
+def protocol_config(p: Protocol, target: str, out_dir: Path, extra: list[str] = ()):
+    """Our Config for this protocol and target (the peers' loop reads the same one)."""
+    overrides = [
+        f"name=toy2d-protocol-{target}", f"seed={p.seed}", "device=cpu", f"out_dir={out_dir}",
+        f"data.name={target}", f"model.hidden={p.hidden}", f"model.depth={p.depth}",
+        f"train.steps={p.steps}", f"train.batch_size={p.batch_size}", f"train.lr={p.lr}",
+        f"train.lr_schedule={p.lr_schedule}", "train.warmup_steps=0", "train.grad_clip=0",
+        "train.weight_decay=0", "train.time_sampler.name=uniform",
+        # one log line (its speed spans the whole loop), no grids, one checkpoint at the end
+        f"train.log_every={p.steps}", "train.sample_every=0", "train.save_every=0", "train.keep_every=0",
+        "sample.method=euler", "sample.steps=1",  # the Trainer's final grid: cheap
+    ]
+    return load_config(CONFIG, overrides + list(extra))
+
+
+def train_ours(p: Protocol, target: str, work: Path, extra: list[str]) -> Trained:
+    """Through the real Trainer; the raw (not EMA) weights come back via ``model_from_checkpoint``."""
+    cfg = protocol_config(p, target, work, extra)  # a ConfigError here = an option we lack: skipped
+    trainer = Trainer(cfg, resume=False, progress=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # its start/done lines would break the tables
+        result = trainer.fit()
+    last = trainer.history[-1]  # log_every = steps: one record, its speed spans the whole loop
+    loop_seconds = p.steps * p.batch_size / last["samples_per_s"]
+    model, saved, _ = model_from_checkpoint(result.run_dir, use_ema=False)
+    return Trained(model, build_path(saved.path.scheduler, **saved.path.params), loop_seconds,
+                   float(last["loss"]))
+
+
+def train_peer(p: Protocol, target: str, work: Path, pairs: Callable) -> Trained:
+    """A plain loop with our Trainer's data, noise, times, init and optimizer; ``pairs(x0, x1, t)``
+    is the peer's own construction of the regression input x_t and target u_t."""
+    cfg = protocol_config(p, target, work)
+    tc = cfg.train
+    points = build_dataset(cfg.data.kind, **cfg.data.params).points  # (100000, 2), as the Trainer's
+    stream = BatchStream(len(points), tc.batch_size, cfg.seed)
+    time_sampler = build_time_sampler(tc.time_sampler.name, shift=tc.time_sampler.shift,
+                                      **tc.time_sampler.params)
+    torch.manual_seed(cfg.seed)
+    model = build_model_from_config(cfg, (2,), 0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=0.0)
+    np.random.seed(cfg.seed)  # torchcfm draws its OT pairs with numpy's global RNG
+    model.train()
+    start, loss_sum = time.perf_counter(), 0.0
+    for k in range(tc.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(k, base_lr=tc.lr, total_steps=tc.steps, warmup_steps=tc.warmup_steps,
+                                schedule=tc.lr_schedule, min_lr_ratio=tc.min_lr_ratio)
+        x1 = points[stream.local_indices(k)]  # (B, 2)
+        # The Trainer's draws for step k, in its order (flowmatch.training.trainer, _STREAM_STEP = 2).
+        g = torch.Generator().manual_seed(sample_seed(cfg.seed * 1000 + 2, k))
+        x0 = torch.randn((tc.batch_size, 2), generator=g)  # (B, 2) noise
+        t = time_sampler(tc.batch_size, generator=g)  # (B,)
+        x_t, u_t = pairs(x0, x1, t)
+        loss = (model(x_t, t) - u_t).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach())
+    seconds = time.perf_counter() - start
+    path = build_path(cfg.path.scheduler, **cfg.path.params)  # linear: the peers' path too
+    return Trained(model.eval(), path, seconds, loss_sum / tc.steps)
+
+
+def torchcfm_pairs(exact_ot: bool) -> Callable:
+    """torchcfm's (I-)CFM or exact OT-CFM at sigma = 0. Its first argument is the t = 0 end: noise.
+
+    OT-CFM solves the exact OT plan of the batch (POT's emd) and then *draws* B pairs from it with
+    replacement (numpy's RNG), so a batch holds repeated pairs; that is torchcfm's method, kept.
+    """
+    from torchcfm.conditional_flow_matching import (
+        ConditionalFlowMatcher,
+        ExactOptimalTransportConditionalFlowMatcher,
+    )
+
+    matcher = (ExactOptimalTransportConditionalFlowMatcher if exact_ot else ConditionalFlowMatcher)(sigma=0.0)
+
+    def pairs(x0, x1, t):
+        _, x_t, u_t = matcher.sample_location_and_conditional_flow(x0, x1, t=t)
+        return x_t, u_t
+
+    return pairs
+
+
+def flow_matching_pairs() -> Callable:
+    """flow_matching's affine path with the CondOT scheduler: x_t = t x1 + (1 - t) x0, dx_t = x1 - x0."""
+    from flow_matching.path import AffineProbPath
+    from flow_matching.path.scheduler import CondOTScheduler
+
+    path = AffineProbPath(scheduler=CondOTScheduler())
+
+    def pairs(x0, x1, t):
+        sample = path.sample(x_0=x0, x_1=x1, t=t)
+        return sample.x_t, sample.dx_t
+
+    return pairs
+
+
+#################################################################################
+#                                    Sampling                                   #
+#################################################################################
+# A sampler: (trained, x0, method, steps) -> (x at t = 1, counted NFE); steps is None for dopri5.
+
+
+class _Counted(nn.Module):
+    """The model with its calls counted (peers' solvers do not count)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.nfe = model, 0
+
+    def forward(self, x, t, **extras):
+        self.nfe += 1
+        return self.model(x, t)
+
+
+def sample_ours(trained: Trained, x0, method, steps):
+    # the path only for the solvers that need it (dpm2m): the others' calls stay the plain API
+    extra = {"path": trained.path} if method in getattr(solvers, "PATH_METHODS", ()) else {}
+    if steps is None:
+        result = generate(trained.model, x0, method=method, atol=ADAPTIVE_TOL, rtol=ADAPTIVE_TOL)
+    else:
+        result = generate(trained.model, x0, method=method, steps=steps, grid="uniform", **extra)
+    return result.x, result.nfe
+
+
+@torch.no_grad()
+def sample_torchdiffeq(trained: Trained, x0, method, steps):
+    from torchdiffeq import odeint
+
+    counted = _Counted(trained.model)
+    if steps is None:
+        times = torch.tensor([0.0, 1.0])
+        x = odeint(lambda t, x: counted(x, t), x0, times, method=method, atol=ADAPTIVE_TOL, rtol=ADAPTIVE_TOL)
+    else:  # a fixed-step method walks exactly the grid it is given
+        x = odeint(lambda t, x: counted(x, t), x0, torch.linspace(0.0, 1.0, steps + 1), method=method)
+    return x[-1], counted.nfe
+
+
+def sample_flow_matching(trained: Trained, x0, method, steps):
+    from flow_matching.solver import ODESolver
+
+    counted = _Counted(trained.model)
+    solver = ODESolver(velocity_model=counted)  # calls velocity_model(x=x, t=t), t 0-dim
+    step_size = None if steps is None else 1.0 / steps
+    x = solver.sample(x_init=x0, step_size=step_size, method=method, atol=ADAPTIVE_TOL, rtol=ADAPTIVE_TOL,
+                      time_grid=torch.tensor([0.0, 1.0]))
+    return x, counted.nfe
+
+
+#################################################################################
+#                                    Variants                                   #
+#################################################################################
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    train: Callable[[Protocol, str, Path], Trained]
+    sample: Callable  # (trained, x0, method, steps) -> (x, nfe)
+    solvers: tuple[str, ...]  # fixed-step solvers evaluated (dopri5 is added for all)
+    note: str
+
+
+def _ours(extra: list[str]) -> Callable:
+    return lambda p, target, work: train_ours(p, target, work, extra)
+
+
+def _peer(make_pairs: Callable) -> Callable:
+    return lambda p, target, work: train_peer(p, target, work, make_pairs())
+
+
+OUR_SOLVERS = ("euler", "midpoint", "ab2", "dpm2m")
+PEER_SOLVERS = ("euler", "midpoint")
+
+#: The variants, in table order. Add one = add an entry.
+VARIANTS: dict[str, Variant] = {
+    v.name: v for v in [
+        Variant("flowmatch", _ours([]), sample_ours, OUR_SOLVERS,
+                "flowmatch Trainer, linear path, independent coupling"),
+        Variant("flowmatch-ot", _ours(["train.coupling.name=exact"]), sample_ours, OUR_SOLVERS,
+                "flowmatch Trainer, exact minibatch OT: the batch's optimal permutation (train.coupling.name=exact)"),
+        # ---- "flowmatch-ot-distill" goes here: Variant(name, train, sample_ours, OUR_SOLVERS, note).
+        # Its train(p, target, work) gets work = <work-dir>/<variant>/<target>, so the flowmatch-ot
+        # teacher (listed before it) is at work.parent.parent / "flowmatch-ot" / target. ----
+        Variant("torchcfm-cfm", _peer(lambda: torchcfm_pairs(exact_ot=False)), sample_torchdiffeq,
+                PEER_SOLVERS, "torchcfm ConditionalFlowMatcher(sigma=0); torchdiffeq sampling"),
+        Variant("torchcfm-otcfm", _peer(lambda: torchcfm_pairs(exact_ot=True)), sample_torchdiffeq,
+                PEER_SOLVERS, "torchcfm ExactOptimalTransportConditionalFlowMatcher(sigma=0) "
+                "(pairs redrawn from the plan with replacement); torchdiffeq sampling"),
+        Variant("fm-condot", _peer(flow_matching_pairs), sample_flow_matching, PEER_SOLVERS,
+                "flow_matching AffineProbPath(CondOTScheduler); its ODESolver for sampling"),
+    ]
+}
+
+
+def evaluate(variant: Variant, trained: Trained, p: Protocol, x0: torch.Tensor, ref: Reference,
+             log: Callable[[str], None]) -> list[dict]:
+    """Every (solver, NFE) cell of one model: samples, counted NFE, metrics, seconds."""
+    cells = []
+    plan = []
+    for method in variant.solvers:
+        if method not in solvers.SOLVER_NAMES:
+            log(f"  {variant.name}: solver {method!r} is not in flowmatch.solvers.SOLVER_NAMES yet; skipped")
+            continue
+        per = FIXED_STEP_NFE[method]  # network evaluations per step
+        plan += [(method, nfe, nfe // per) for nfe in p.nfes if nfe % per == 0]
+    plan.append((ADAPTIVE, None, None))
+    for method, nfe, steps in plan:
+        cell = {"solver": method, "nfe_budget": nfe, "steps": steps}
+        try:
+            start = time.perf_counter()
+            x, counted = variant.sample(trained, x0.clone(), method, steps)
+            cell["sample_seconds"] = time.perf_counter() - start
+            start = time.perf_counter()
+            cell.update(nfe=int(counted), **ref.metrics(x.detach().float()))
+            cell["metric_seconds"] = time.perf_counter() - start
+        except Exception as error:  # a solver that fails is one empty cell, not a lost run
+            cell["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            log(f"  {variant.name} {method} NFE {nfe}: failed ({cell['error']})")
+        cells.append(cell)
+    return cells
+
+
+#################################################################################
+#                                     Tables                                    #
+#################################################################################
+
+
+def _fmt(value: float | None) -> str:
+    return "nan" if value is None else f"{value:.4f}"
+
+
+def _cell(cells: list[dict], solver: str, nfe: int | None) -> str:
+    for c in cells:
+        if c["solver"] == solver and c["nfe_budget"] == nfe:
+            if "error" in c:
+                return "error"
+            return _fmt(c["w2"]) + (f" ({c['nfe']})" if nfe is None else "")
+    return ""
+
+
+def target_table(target: str, result: dict, nfes) -> str:
+    """Markdown: rows method x solver, columns NFE and dopri5, cells exact W2 (dopri5: W2 (NFE))."""
+    head = ["method", "solver"] + [f"NFE {n}" for n in nfes] + [f"{ADAPTIVE} (NFE)"]
+    lines = [f"### {target}: exact W2 of {result['n']} samples vs {result['n']} target points",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, method in result["methods"].items():
+        if method["status"] != "ok":
+            reason = method["reason"] if len(method["reason"]) <= 70 else method["reason"][:67] + "..."
+            lines.append(f"| {name} | skipped: {reason} |" + " |" * (len(head) - 2))
+            continue
+        solvers = list(dict.fromkeys(c["solver"] for c in method["cells"]))
+        for solver in solvers:
+            row = [name, solver] + [_cell(method["cells"], solver, n) for n in nfes]
+            row.append(_cell(method["cells"], solver, None) if solver == ADAPTIVE else "")
+            if solver == ADAPTIVE:
+                row[2:2 + len(nfes)] = [""] * len(nfes)
+            lines.append("| " + " | ".join(row) + " |")
+    floor = result["floor"]
+    lines.append(f"| floor (two true sets) | | {_fmt(floor['w2'])} |" + " |" * (len(head) - 3))
+    return "\n".join(lines)
+
+
+def best_w2(cells: list[dict], nfe: int | None) -> tuple[float, str] | None:
+    """(lowest W2, its solver) among the cells of a given NFE budget (None: the adaptive one)."""
+    found = [(c["w2"], c["solver"]) for c in cells
+             if c["nfe_budget"] == nfe and c.get("w2") is not None]
+    return min(found, key=lambda f: f[0]) if found else None  # a tie goes to the first solver listed
+
+
+def summary_rows(results: dict) -> list[dict]:
+    rows = []
+    for target, result in results.items():
+        for name, method in result["methods"].items():
+            if method["status"] != "ok":
+                continue
+            row = {"target": target, "method": name,
+                   "train_s_per_1k_steps": method["train"]["s_per_1k_steps"]}
+            for nfe in (1, 2, 4, None):
+                best = best_w2(method["cells"], nfe)
+                key = f"nfe{nfe}" if nfe else ADAPTIVE
+                row[key] = None if best is None else {"w2": best[0], "solver": best[1]}
+            adaptive = [c for c in method["cells"] if c["solver"] == ADAPTIVE and "nfe" in c]
+            row[f"{ADAPTIVE}_nfe"] = adaptive[0]["nfe"] if adaptive else None
+            rows.append(row)
+        rows.append({"target": target, "method": "floor (two true sets)", "floor_w2": result["floor"]["w2"]})
+    return rows
+
+
+def summary_table(rows: list[dict]) -> str:
+    head = ["target", "method", "best W2 @ NFE 1", "@ NFE 2", "@ NFE 4", f"{ADAPTIVE} W2 (NFE)",
+            "train s / 1k steps"]
+    lines = ["### Summary: best exact W2 over solvers (solver in brackets)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def best(entry):
+        return "" if entry is None else f"{entry['w2']:.4f} ({entry['solver']})"
+
+    for r in rows:
+        if "floor_w2" in r:
+            lines.append(f"| {r['target']} | {r['method']} | {r['floor_w2']:.4f} | | | | |")
+            continue
+        adaptive = r[ADAPTIVE]
+        lines.append("| " + " | ".join([
+            r["target"], r["method"], best(r["nfe1"]), best(r["nfe2"]), best(r["nfe4"]),
+            "" if adaptive is None else f"{adaptive['w2']:.4f} ({r[f'{ADAPTIVE}_nfe']})",
+            f"{r['train_s_per_1k_steps']:.2f}"]) + " |")
+    return "\n".join(lines)
+
+
+#################################################################################
+#                                      Main                                     #
+#################################################################################
+
+
+def _csv(kind):
+    return lambda text: [kind(s) for s in text.split(",") if s.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--targets", type=_csv(str), default=None,
+                   help=f"comma-separated toy targets (default: {','.join(FULL['targets'])}; --quick: "
+                        f"{','.join(QUICK['targets'])})")
+    p.add_argument("--variants", type=_csv(str), default=list(VARIANTS),
+                   help=f"comma-separated variants (default: {','.join(VARIANTS)})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (default: {FULL['steps']}; --quick: {QUICK['steps']})")
+    p.add_argument("--n", type=int, default=None,
+                   help=f"evaluation samples and target points (default: {FULL['n']}; --quick: {QUICK['n']})")
+    p.add_argument("--nfe", type=_csv(int), default=None,
+                   help=f"NFE budgets (default: {','.join(map(str, FULL['nfe']))}; --quick: "
+                        f"{','.join(map(str, QUICK['nfe']))}); dopri5 is always added")
+    p.add_argument("--seed", type=int, default=Protocol.seed,
+                   help="training seed: init, data order, noise, times (default: %(default)s)")
+    p.add_argument("--eval-seed", type=int, default=Protocol.eval_seed,
+                   help="evaluation noise and reference set; floors use the next 3 (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads per process (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help=f"processes, each running whole targets (default: {FULL['jobs']}; --quick: "
+                        f"{QUICK['jobs']}); 1 gives training times on an otherwise idle core")
+    p.add_argument("--work-dir", default=None,
+                   help="where our Trainer's run directories go, kept (default: a temporary folder, removed)")
+    p.add_argument("--json", default=None,
+                   help=f"write every number here (default: {DEFAULT_JSON.relative_to(ROOT)}; --quick: "
+                        f"{QUICK_JSON.relative_to(ROOT)})")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 target, 200 steps, n 300, NFE 1,4")
+    args = p.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)} (valid: {', '.join(VARIANTS)})")
+    bad = [t for t in args.targets if t not in TOY2D_NAMES]
+    if bad:
+        p.error(f"unknown target(s) {', '.join(bad)} (valid: {', '.join(TOY2D_NAMES)})")
+    if args.json is None:
+        args.json = str(QUICK_JSON if args.quick else DEFAULT_JSON)
+    return args
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def warm_up(p: Protocol, steps: int = 30) -> None:
+    """A few untimed training steps of a throwaway model, so that the first variant's timed loop
+    does not also pay for this process's first kernel selections and allocations."""
+    from flowmatch.models import MLP, MLPConfig
+
+    model = MLP(MLPConfig(hidden=p.hidden, depth=p.depth), (2,))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x, t = torch.randn(p.batch_size, 2, generator=g), torch.rand(p.batch_size, generator=g)
+        loss = model(x, t).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def run_target(target: str, p: Protocol, variant_names: list[str], work: Path) -> dict:
+    """Train and evaluate every variant on one target (in this process, or in a --jobs worker)."""
+    torch.set_num_threads(p.threads)  # a spawned worker starts with torch's default
+    log = _log
+    warm_up(p)
+    x0 = seeded_noise(range(p.n), (2,), seed=p.eval_seed)  # (n, 2), the same for every method
+    ref = Reference(sample_toy2d(target, p.n, torch.Generator().manual_seed(p.eval_seed)))  # (n, 2)
+    floors = [ref.metrics(sample_toy2d(target, p.n, torch.Generator().manual_seed(p.eval_seed + 1 + s)))
+              for s in range(FLOOR_SEEDS)]
+    result = {"n": p.n, "floor": {**mean_metrics(floors), "seeds": FLOOR_SEEDS}, "methods": {}}
+    for variant in (VARIANTS[name] for name in variant_names):
+        try:
+            start = time.perf_counter()
+            trained = variant.train(p, target, work / variant.name / target)
+            train_wall = time.perf_counter() - start
+        except (ImportError, ConfigError) as error:  # a peer not installed, an option we lack yet
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            log(f"[{target}] {variant.name}: skipped ({reason})")
+            result["methods"][variant.name] = {"status": "skipped", "reason": reason}
+            continue
+        except Exception as error:  # one broken variant must not lose the others' numbers
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            log(f"[{target}] {variant.name}: training failed, skipped ({reason})")
+            result["methods"][variant.name] = {"status": "skipped", "reason": reason}
+            continue
+        start = time.perf_counter()
+        cells = evaluate(variant, trained, p, x0, ref, log)
+        eval_wall = time.perf_counter() - start
+        train = {"steps": p.steps, "loop_seconds": trained.loop_seconds,
+                 "s_per_1k_steps": 1000.0 * trained.loop_seconds / p.steps,
+                 "wall_seconds": train_wall, "final_loss": trained.final_loss}
+        result["methods"][variant.name] = {"status": "ok", "note": variant.note, "train": train,
+                                           "eval_seconds": eval_wall, "cells": cells}
+        log(f"[{target}] {variant.name}: {train['s_per_1k_steps']:.2f} s/1k steps (train wall "
+            f"{train_wall:.1f} s), loss {trained.final_loss:.4f}; {len(cells)} cells evaluated in "
+            f"{eval_wall:.1f} s")
+    return result
+
+
+def main(argv=None) -> dict:
+    """Run the protocol; print the tables; return (and save) every number."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    p = Protocol(steps=args.steps, n=args.n, nfes=tuple(args.nfe), seed=args.seed,
+                 eval_seed=args.eval_seed, threads=args.threads, jobs=args.jobs)
+    variants = [VARIANTS[name] for name in args.variants]
+    _log(f"toy2d protocol: targets {','.join(args.targets)}; variants {','.join(args.variants)}; "
+         f"{p.steps} steps x batch {p.batch_size}; n {p.n}; NFE {','.join(map(str, p.nfes))} + "
+         f"{ADAPTIVE}; {p.threads} thread(s) x {p.jobs} process(es); exact W2 by {w2_solver()}")
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        work = Path(args.work_dir) if args.work_dir else Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="toy2d_protocol_")))
+        if p.jobs > 1 and len(args.targets) > 1:
+            # Targets side by side, one process each; spawn (not fork) so no worker inherits
+            # torch's thread pools. Workers re-import this file as a script.
+            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                max_workers=min(p.jobs, len(args.targets)), mp_context=multiprocessing.get_context("spawn")))
+            futures = {t: pool.submit(run_target, t, p, args.variants, work) for t in args.targets}
+            results = {t: future.result() for t, future in futures.items()}
+        else:
+            results = {t: run_target(t, p, args.variants, work) for t in args.targets}
+    wall = time.perf_counter() - start
+
+    print()
+    for target, result in results.items():
+        print(target_table(target, result, p.nfes))
+        print()
+    rows = summary_rows(results)
+    print(summary_table(rows))
+    print(f"\ntotal wall time {wall:.0f} s")
+
+    out = {"protocol": {**asdict(p), "nfes": list(p.nfes)}, "mmd_bandwidths": list(MMD_BANDWIDTHS), "adaptive": {
+               "method": ADAPTIVE, "atol": ADAPTIVE_TOL, "rtol": ADAPTIVE_TOL},
+           "w2_solver": w2_solver(), "variants": {v.name: v.note for v in variants}, "machine": machine_facts(args.threads),
+           "targets": results, "summary": rows, "wall_seconds": wall}
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
