@@ -74,9 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "--n as an ambiguous abbreviation of its --nnodes/--nproc-per-node)")
     sa.add_argument("--steps", type=int, default=None,
                     help="solver steps (default: the run's sample.steps)")
+    sa.add_argument("--nfe", type=int, default=None,
+                    help="network evaluations per sample instead of --steps: steps = NFE / the "
+                         "method's evaluations per step (an error if it does not divide)")
     sa.add_argument("--method", default=None,
-                    help="euler | midpoint | heun | rk4 | ab2 | dopri5 (+ other torchdiffeq methods) (default: the run's sample.method)")
-    sa.add_argument("--grid", default=None, help="time grid: uniform | shifted (default: the run's)")
+                    help="ODE: euler | midpoint | heun | rk4 | ab2 | dpm2m (1 NFE/step, order 2) | "
+                         "dopri5 (+ other torchdiffeq methods); SDE: euler_maruyama "
+                         "(default: the run's sample.method)")
+    sa.add_argument("--grid", default=None, help="time grid: uniform | shifted | edm (default: the run's)")
     sa.add_argument("--grid-shift", type=float, default=None, help="shift for --grid shifted (default: the run's sample.grid_shift)")
     sa.add_argument("--out", default="samples.png", help="output: grid .png, .npy, or a folder")
     sa.add_argument("--seed", type=int, default=0, help="sample i uses noise seeded by (seed, i)")
@@ -95,7 +100,53 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--vae", default=None,
                     help="latent models: load the decoding VAE from here instead of the recorded "
                          "source (the recorded latent normalisation is always used)")
+    sa.add_argument("--diffusion", default=None,
+                    help="euler_maruyama's diffusion coefficient w(t): constant | sigma | linear | "
+                         "decreasing | increasing-decreasing | sbdm (default: the run's sample.diffusion)")
+    sa.add_argument("--diffusion-norm", type=float, default=None,
+                    help="scale of w(t) (default: the run's sample.diffusion_norm)")
     sa.add_argument("--no-progress", action="store_true", help="no progress bar (folder output)")
+
+    for kind in ("reflow", "distill"):
+        if kind == "reflow":
+            d = sub.add_parser("reflow", formatter_class=_Formatter,
+                               help="straighten a trained flow: retrain it on its own noise -> sample pairs",
+                               description="Reflow (rectified flow): solve the teacher's ODE from "
+                                           "--pairs seeded noises, then train a student (initialised "
+                                           "from the teacher) on the straight paths between each noise "
+                                           "and its sample. Writes OUT/pairs, the run in OUT, and the "
+                                           "cost (teacher NFE, seconds) to OUT/distill.json. Re-running "
+                                           "reuses the pairs and resumes the training.")
+        else:
+            d = sub.add_parser("distill", formatter_class=_Formatter,
+                               help="distil a trained flow into a 1-4 (or any K) step Euler sampler",
+                               description="Few-step distillation: record the teacher's ODE states at "
+                                           "the student's K-step grid for --pairs seeded noises, then "
+                                           "train a student (initialised from the teacher) so that one "
+                                           "Euler step covers each segment. Sample it with `flowmatch "
+                                           "sample OUT` (its config says euler, K steps). Cost in "
+                                           "OUT/distill.json.")
+            d.add_argument("--nfe", type=int, required=True, help="the student's steps (= its NFE)")
+            d.add_argument("--grid", default="uniform", help="the student's grid: uniform | shifted | edm")
+            d.add_argument("--grid-shift", type=float, default=1.0, help="shift for --grid shifted")
+        d.add_argument("teacher", help="teacher run directory or checkpoint file")
+        d.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="dotted overrides of the student's config, e.g. train.lr=5e-4")
+        d.add_argument("--out", required=True, help="run directory of the student")
+        d.add_argument("--pairs", type=int, default=10000, help="number of teacher trajectories")
+        d.add_argument("--train-steps", type=int, default=2000, help="the student's optimizer steps")
+        d.add_argument("--teacher-method", default="rk4",
+                       help="the teacher's solver (fixed-step, or adaptive e.g. dopri5)")
+        d.add_argument("--teacher-steps", type=int, default=None,
+                       help="fixed-step teacher: steps in all (reflow, default 16) or per student "
+                            "step (distill, default ceil(32 / nfe))")
+        d.add_argument("--cfg-scale", type=float, default=1.0,
+                       help="class-conditional teachers: classifier-free guidance of the teacher "
+                            "(the student learns the guided flow)")
+        d.add_argument("--seed", type=int, default=0, help="trajectory i starts from noise seeded (seed, i)")
+        d.add_argument("--batch-size", type=int, default=256, help="trajectories per teacher batch")
+        d.add_argument("--device", default="auto", help="auto | cpu | cuda")
+        d.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     en = sub.add_parser("encode-latents", formatter_class=_Formatter,
                         help="encode an image folder once with a frozen VAE into a latent store",
@@ -246,6 +297,29 @@ def _cmd_train(args) -> int:
     return EXIT_INTERRUPTED if result.status == "interrupted" else EXIT_OK
 
 
+def _cmd_distill(args) -> int:
+    from flowmatch import distributed
+    from flowmatch.training import NonFiniteLossError
+    from flowmatch.training.distill import run_distill, run_reflow
+
+    common = dict(n=args.pairs, train_steps=args.train_steps, method=args.teacher_method,
+                  overrides=args.overrides, seed=args.seed, batch_size=args.batch_size,
+                  cfg_scale=args.cfg_scale, device=args.device, progress=not args.no_progress)
+    try:
+        if args.command == "reflow":
+            report = run_reflow(args.teacher, args.out, steps=args.teacher_steps or 16, **common)
+        else:
+            report = run_distill(args.teacher, args.out, nfe=args.nfe, grid=args.grid,
+                                 grid_shift=args.grid_shift, steps_per_segment=args.teacher_steps,
+                                 **common)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    finally:
+        distributed.cleanup()
+    return EXIT_INTERRUPTED if report["train_status"] == "interrupted" else EXIT_OK
+
+
 def _cmd_sample(args) -> int:
     import numpy as np
     import torch
@@ -253,7 +327,8 @@ def _cmd_sample(args) -> int:
     from flowmatch import distributed
     from flowmatch.config import ConfigError
     from flowmatch.imageio import save_image_grid, save_scatter
-    from flowmatch.sampling import generate, resolve_settings, seeded_noise
+    from flowmatch.paths import build_path
+    from flowmatch.sampling import generate_with_settings, resolve_settings, seeded_noise
     from flowmatch.training import model_from_checkpoint
 
     if args.n < 1:
@@ -270,7 +345,8 @@ def _cmd_sample(args) -> int:
                                  batch_size=args.batch_size, label=args.label,
                                  use_ema=not args.no_ema, vae=args.vae, device=args.device,
                                  progress=not args.no_progress, cfg_scale=args.cfg_scale,
-                                 cfg_interval=tuple(args.cfg_interval))
+                                 cfg_interval=tuple(args.cfg_interval), nfe=args.nfe,
+                                 diffusion=args.diffusion, diffusion_norm=args.diffusion_norm)
         finally:
             distributed.cleanup()
         distributed.print0(f"wrote {r['written']} samples to {out} ({r['skipped']} already there, "
@@ -282,8 +358,10 @@ def _cmd_sample(args) -> int:
     data_shape = tuple(state["data_shape"])
     num_classes = int(state["num_classes"])
     s = resolve_settings(sc, method=args.method, steps=args.steps, grid=args.grid,
-                         grid_shift=args.grid_shift, label=args.label, num_classes=num_classes)
-    method, steps, grid, shift = s.method, s.steps, s.grid, s.grid_shift
+                         grid_shift=args.grid_shift, label=args.label, num_classes=num_classes,
+                         nfe=args.nfe, diffusion=args.diffusion, diffusion_norm=args.diffusion_norm)
+    method, steps = s.method, s.steps
+    path = build_path(cfg.path.scheduler, **cfg.path.params)
     if args.cfg_scale != 1.0:
         from flowmatch.guidance import ClassifierFreeGuidance
 
@@ -297,8 +375,8 @@ def _cmd_sample(args) -> int:
         if num_classes:
             ids = torch.tensor(list(idx), device=device)
             y = torch.full_like(ids, args.label) if args.label is not None else ids % num_classes
-        res = generate(model, x0, y=y, method=method, steps=steps, grid=grid, grid_shift=shift,
-                       atol=sc.atol, rtol=sc.rtol)
+        res = generate_with_settings(model, x0, s, path=path, y=y, indices=list(idx), seed=args.seed,
+                                     atol=sc.atol, rtol=sc.rtol)
         chunks.append(res.x.cpu())
         nfe = max(nfe, res.nfe)
     x = torch.cat(chunks)
@@ -493,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": _cmd_train, "sample": _cmd_sample, "info": _cmd_info,
                 "encode-latents": _cmd_encode_latents, "finetune-vae": _cmd_finetune_vae,
-                "recon": _cmd_recon, "eval": _cmd_eval}
+                "recon": _cmd_recon, "eval": _cmd_eval, "reflow": _cmd_distill,
+                "distill": _cmd_distill}
     from flowmatch.autoencoder import VAELoadError
 
     try:

@@ -139,6 +139,10 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on CUDA when supported, off on CPU) | no | bf16 | fp16
     time_sampler: TimeSamplerConfig = field(default_factory=TimeSamplerConfig)
     coupling: CouplingConfig = field(default_factory=CouplingConfig)  # pairing of noise and data
+    # flow: flow matching (on a pair store: the straight path between each stored noise and sample,
+    # i.e. reflow); segments: regress the secants of a pair store's trajectories (distillation)
+    objective: str = "flow"
+    init_from: str = ""  # checkpoint / run dir whose EMA weights start a fresh run ("" = random init)
     log_every: int = 50  # steps between metric lines in metrics.jsonl
     sample_every: int = 500  # steps between EMA sample grids; 0 disables
     save_every: int = 500  # steps between writes of checkpoints/latest.pt; 0 = only at the end
@@ -150,10 +154,14 @@ class TrainConfig:
 class SampleConfig:
     """How samples are drawn (during training and by `flowmatch sample` unless overridden)."""
 
-    method: str = "heun"  # euler | midpoint | heun | rk4 | ab2 | dopri5 | bosh3 | ...  (flowmatch.solvers.SOLVER_NAMES)
+    # ODE: euler | midpoint | heun | rk4 | ab2 | dpm2m | dopri5 | bosh3 | ... ; SDE: euler_maruyama
+    # (flowmatch.sampling.METHODS)
+    method: str = "heun"
     steps: int = 25  # solver steps (NFE = steps x evaluations per step)
-    grid: str = "uniform"  # uniform | shifted
+    grid: str = "uniform"  # uniform | shifted | edm
     grid_shift: float = 1.0
+    diffusion: str = "sigma"  # euler_maruyama only: w(t), see flowmatch.sde.DIFFUSIONS
+    diffusion_norm: float = 1.0  # euler_maruyama only: scale of w(t)
     n: int = 64  # samples in a grid
     use_ema: bool = True
     atol: float = 1e-5  # adaptive solvers only
@@ -404,10 +412,24 @@ def _validate(cfg: Config) -> None:
     for k in ("log_every", "sample_every", "save_every", "keep_every", "num_workers", "ema_start_step"):
         need(getattr(t, k) >= 0, f"train.{k}", "must be >= 0")
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
-    from flowmatch.solvers import SOLVER_NAMES
+    from flowmatch.sampling import METHODS
+    from flowmatch.sde import DIFFUSIONS
     from flowmatch.time_samplers import GRIDS
 
-    need(s.method in SOLVER_NAMES, "sample.method", f"unknown solver {s.method!r} (valid: {', '.join(SOLVER_NAMES)})")
+    need(s.method in METHODS, "sample.method", f"unknown solver {s.method!r} (valid: {', '.join(METHODS)})")
+    need(s.diffusion in DIFFUSIONS, "sample.diffusion",
+         f"unknown diffusion {s.diffusion!r} (valid: {', '.join(DIFFUSIONS)})")
+    need(s.diffusion_norm >= 0, "sample.diffusion_norm", "must be >= 0")
+    need(t.objective in ("flow", "segments"), "train.objective",
+         f"unknown objective {t.objective!r} (valid: flow, segments)")
+    if t.objective == "segments":
+        need(cfg.data.kind == "pairs", "train.objective",
+             "segments (distillation) trains on a pair store: data.kind must be pairs "
+             "(made by `flowmatch distill`)")
+    if cfg.data.kind == "pairs":
+        need(t.coupling.name == "none", "train.coupling",
+             "a pair store already fixes which noise goes with which sample; use coupling none")
+        need(not cfg.data.hflip, "data.hflip", "flips would break the stored noise -> sample pairs")
     need(s.steps >= 1, "sample.steps", "must be >= 1")
     need(s.grid in GRIDS, "sample.grid", f"unknown grid {s.grid!r} (valid: {', '.join(GRIDS)})")
     need(s.grid_shift > 0, "sample.grid_shift", "must be > 0")

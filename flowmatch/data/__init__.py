@@ -1,4 +1,4 @@
-"""Data sets: 2-D toys, the built-in digits, and image folders.
+"""Data sets: 2-D toys, the built-in digits, image folders, latent stores and teacher pair stores.
 
 Every data set yields ``(x, y)``: ``x`` a float32 tensor of shape ``data_shape`` (images in
 ``[-1, 1]``), ``y`` an int class label (0 when unlabelled); and carries ``data_shape``,
@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from flowmatch.data.digits import Digits
 from flowmatch.data.imagefolder import IMAGE_EXTENSIONS, ImageFolder
 from flowmatch.data.latents import LatentStore
+from flowmatch.data.pairs import PairStore
 from flowmatch.data.toy2d import TOY2D_NAMES, Toy2D, sample_toy2d
 
 __all__ = [
@@ -24,13 +25,15 @@ __all__ = [
     "Digits",
     "ImageFolder",
     "LatentStore",
+    "PairStore",
     "Toy2D",
     "build_dataset",
     "sample_toy2d",
 ]
 
 # The explicit registry from a config's `kind` string to a constructor.
-DATASET_KINDS = {"toy2d": Toy2D, "digits": Digits, "folder": ImageFolder, "latents": LatentStore}
+DATASET_KINDS = {"toy2d": Toy2D, "digits": Digits, "folder": ImageFolder, "latents": LatentStore,
+                 "pairs": PairStore}
 
 
 def build_dataset(kind: str, **kwargs) -> Dataset:

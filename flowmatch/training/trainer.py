@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 # Distinct streams of randomness, so that e.g. the batch order never shares draws with the noise.
-_STREAM_ORDER, _STREAM_STEP, _STREAM_GRID = 1, 2, 3
+_STREAM_ORDER, _STREAM_STEP, _STREAM_GRID, _STREAM_SEGMENT = 1, 2, 3, 4
 
 
 class NonFiniteLossError(RuntimeError):
@@ -169,6 +169,8 @@ def _in_memory(dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def latent_info(dataset) -> dict | None:
     """What decoding a latent data set's samples needs: the VAE and the normalisation (or None)."""
+    if getattr(dataset, "kind", "") == "pairs":  # a teacher's pairs: the teacher's latent space
+        return dataset.latent
     if getattr(dataset, "kind", "") != "latent":
         return None
     return {"vae": dataset.vae_source, "normalization": dataset.normalization.to_dict(),
@@ -225,17 +227,23 @@ class Trainer:
         self.stream = BatchStream(len(self.dataset), self.global_batch, cfg.seed,
                                   self.dist.rank, self.dist.world_size)
         self.memory = _in_memory(self.dataset)
+        self.pairs = getattr(self.dataset, "kind", "") == "pairs"  # a teacher's pair store
 
         # Model, EMA, optimizer ----------------------------------------------------------------
         torch.manual_seed(cfg.seed)  # initial weights
         self.model = build_model_from_config(cfg, self.data_shape, self.num_classes).to(self.device)
+        if tc.init_from:
+            self._init_from(tc.init_from)
         self.ema = EMA(self.model)
         self.ddp_model = self.model
         if self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=tc.betas,
-                                           weight_decay=tc.weight_decay)
+        self.params = list(self.model.parameters())
+        # foreach: one fused update over all tensors (the per-tensor loop, torch's CPU default, is a
+        # third of a small model's step)
+        self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=tc.betas,
+                                           weight_decay=tc.weight_decay, foreach=True)
         self.path = build_path(cfg.path.scheduler, **cfg.path.params)
         self.time_sampler = build_time_sampler(tc.time_sampler.name, shift=tc.time_sampler.shift,
                                                **tc.time_sampler.params)
@@ -277,6 +285,19 @@ class Trainer:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _init_from(self, source: str) -> None:
+        """Start from another run's EMA weights (reflow / distillation students, fine-tuning)."""
+        from flowmatch.training.checkpoint import find_checkpoint
+
+        file = find_checkpoint(source)
+        state = load_checkpoint(file, map_location=self.device)
+        try:
+            self.model.load_state_dict(state["ema"])
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointError(f"train.init_from: the weights in {file} do not fit this model "
+                                  f"({str(e).splitlines()[0]})") from None
+        distributed.print0(f"initialised from the EMA weights of {file} (step {state.get('step')})")
 
     def describe(self) -> str:
         n = count_parameters(self.model)
@@ -427,24 +448,67 @@ class Trainer:
         """Loss of micro-step ``k`` (already divided by grad_accum), backward done by the caller."""
         tc = self.cfg.train
         B, r = tc.batch_size, self.dist.rank
-        if self.coupled:
+        target = None
+        if self.pairs:
+            x0, x1, t, y, drop, target = self._pair_batch(k)
+        elif self.coupled:
             x0, x1, t, y, drop = self._coupled_batch(k, loader)
         else:
             # All randomness of this micro-step is drawn for the global batch; we take our slice.
             x1, y = self._local_batch(k, loader)
             x0, x1, t, drop = self._pairs(k, x1, slice(r * B, (r + 1) * B))
-        torch.manual_seed(sample_seed(self.cfg.seed * 1000 + _STREAM_STEP, k) + r)  # dropout masks
+        self._seed_dropout(k)
         cond = None
         if self.cfg.model.class_cond:
             cond = y.to(self.device).long()
             if tc.label_dropout > 0:
                 cond = torch.where(drop.to(self.device), torch.full_like(cond, self.model.null_class), cond)
 
-        sample = self.path.sample(x0, x1, t)
+        if target is None:
+            sample = self.path.sample(x0, x1, t)
+            x_t, target = sample.x_t, sample.u_t
+        else:  # distillation: x1 holds the trajectory state at t, target the segment's secant
+            x_t = x1
         with self._autocast():
-            v = self.ddp_model(sample.x_t, t, cond)  # (B, *data_shape)
-        loss = (v.float() - sample.u_t).pow(2).mean()
+            v = self.ddp_model(x_t, t, cond)  # (B, *data_shape)
+        loss = (v.float() - target).pow(2).mean()
         return loss
+
+    def _seed_dropout(self, k: int) -> None:
+        """Seed the default generators (dropout masks) from (seed, k, rank). Only the CPU one, and the
+        CUDA one when training there: torch.manual_seed would also queue lazy seeding of every other
+        backend, with a stack trace each time (~1 ms per step)."""
+        seed = sample_seed(self.cfg.seed * 1000 + _STREAM_STEP, k) + self.dist.rank
+        torch.random.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+
+    def _pair_batch(self, k: int):
+        """This process's rows of micro-step ``k`` from a pair store (reflow / distillation).
+
+        ``flow``: the stored noise ``x0`` and sample ``x1 = traj[:, -1]``, times from the time sampler
+        (returns target None: the path gives x_t and u_t). ``segments``: a segment ``j`` per row,
+        uniform over the K segments, drawn from this step's generator; returns ``x1 = `` the state at
+        ``t_j`` and ``target = (state(t_{j+1}) - state(t_j)) / (t_{j+1} - t_j)``.
+        """
+        B, r = self.cfg.train.batch_size, self.dist.rank
+        rows = slice(r * B, (r + 1) * B)
+        x0_noise, t, _, drop, _ = self._step_draws(k)
+        x0, traj, y = self.dataset.batch(self.stream.local_indices(k))
+        x0, traj = x0.to(self.device), traj.to(self.device)
+        drop = drop[rows]
+        if self.cfg.train.objective == "flow":
+            return x0, traj[:, -1], t[rows].to(self.device), y, drop, None
+        times = self.dataset.times
+        K = times.numel() - 1
+        g = torch.Generator().manual_seed(sample_seed(self.cfg.seed * 1000 + _STREAM_SEGMENT, k))
+        j = torch.randint(K, (self.global_batch,), generator=g)[rows]
+        states = torch.cat([x0[:, None], traj], dim=1)  # (B, K + 1, ...): the state at every time
+        ar = torch.arange(states.shape[0])
+        start, end = states[ar, j], states[ar, j + 1]
+        dt = (times[j + 1] - times[j]).to(device=self.device, dtype=torch.float32)
+        target = (end - start) / dt.view(-1, *([1] * (start.ndim - 1)))
+        return x0, start, times[j].to(device=self.device, dtype=torch.float32), y, drop, target
 
     def _train_step(self, loader) -> tuple[float, float]:
         """One optimizer step (with accumulation); returns (loss, grad_norm)."""
@@ -465,7 +529,7 @@ class Trainer:
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         total = distributed.all_reduce_mean(total)
         loss_value, norm_value = float(total), float(grad_norm)
         if not (math.isfinite(loss_value) and (math.isfinite(norm_value) or self.amp_dtype == torch.float16)):
@@ -589,7 +653,7 @@ class Trainer:
             self._record_launch()
             distributed.print0(self.describe())
         loader = None
-        if self.memory is None:
+        if self.memory is None and not self.pairs:
             loader = _LoaderFromStream(self.dataset, self.stream, self.step * tc.grad_accum,
                                        tc.num_workers)
 
