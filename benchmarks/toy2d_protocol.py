@@ -433,8 +433,54 @@ class Variant:
     name: str
     train: Callable[[Protocol, str, Path], Trained]
     sample: Callable  # (trained, x0, method, steps) -> (x, nfe)
-    solvers: tuple[str, ...]  # fixed-step solvers evaluated (dopri5 is added for all)
+    solvers: tuple[str, ...]  # fixed-step solvers evaluated (dopri5 is added unless nfes is set)
     note: str
+    nfes: tuple[int, ...] | None = None  # only these NFE budgets (few-step students); None = all
+
+
+#: Distillation of the flowmatch-ot model into K-step Euler students, one per K.
+DISTILL_NFES = (1, 2, 4)
+
+
+def train_distilled(p: Protocol, target: str, work: Path) -> Trained:
+    """K-step students of the ``flowmatch-ot`` model (trained first if its run is missing).
+
+    Each student: ``flowmatch distill`` with 5 n teacher trajectories (rk4, ceil(32 / K) steps per
+    segment) and p.steps / 2 training steps from the teacher's weights. ``loop_seconds`` is the
+    whole cost: the teacher's training loop + every student's pairs and training.
+    """
+    from flowmatch.training.distill import run_distill
+
+    teacher_dir = work.parent.parent / "flowmatch-ot" / target
+    if (teacher_dir / "checkpoints" / "latest.pt").is_file() and (teacher_dir / "metrics.jsonl").is_file():
+        last = json.loads((teacher_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        teacher_seconds = p.steps * p.batch_size / last["samples_per_s"]
+    else:
+        teacher_seconds = train_ours(p, target, teacher_dir, ["train.coupling.name=exact"]).loop_seconds
+    steps = max(1, p.steps // 2)
+    students, extra, costs = {}, 0.0, {}
+    for k in DISTILL_NFES:
+        if k not in p.nfes:
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            report = run_distill(teacher_dir, work / f"nfe{k}", nfe=k, n=5 * p.n, train_steps=steps,
+                                 method="rk4", progress=False,
+                                 overrides=[f"train.log_every={steps}", "train.sample_every=0",
+                                            "train.save_every=0", "train.warmup_steps=0", "device=cpu"])
+        extra += report["pair_seconds"] + report["train_seconds"]
+        costs[k] = report
+        students[k] = model_from_checkpoint(work / f"nfe{k}", use_ema=False)[0]
+    if not students:
+        raise ValueError(f"no NFE budget in {DISTILL_NFES} was asked for")
+    model = students[min(students)]
+    trained = Trained(model, build_path("linear"), teacher_seconds + extra, float("nan"))
+    trained.students, trained.costs = students, costs
+    return trained
+
+
+def sample_distilled(trained: Trained, x0, method, steps):
+    result = generate(trained.students[steps], x0, method="euler", steps=steps)
+    return result.x, result.nfe
 
 
 def _ours(extra: list[str]) -> Callable:
@@ -455,9 +501,9 @@ VARIANTS: dict[str, Variant] = {
                 "flowmatch Trainer, linear path, independent coupling"),
         Variant("flowmatch-ot", _ours(["train.coupling.name=exact"]), sample_ours, OUR_SOLVERS,
                 "flowmatch Trainer, exact minibatch OT: the batch's optimal permutation (train.coupling.name=exact)"),
-        # ---- "flowmatch-ot-distill" goes here: Variant(name, train, sample_ours, OUR_SOLVERS, note).
-        # Its train(p, target, work) gets work = <work-dir>/<variant>/<target>, so the flowmatch-ot
-        # teacher (listed before it) is at work.parent.parent / "flowmatch-ot" / target. ----
+        Variant("flowmatch-ot-distill", train_distilled, sample_distilled, ("euler",),
+                "flowmatch-ot distilled into K-step Euler students (flowmatch distill --nfe K, one per "
+                "K in 1, 2, 4); training time = teacher + pairs + students", nfes=DISTILL_NFES),
         Variant("torchcfm-cfm", _peer(lambda: torchcfm_pairs(exact_ot=False)), sample_torchdiffeq,
                 PEER_SOLVERS, "torchcfm ConditionalFlowMatcher(sigma=0); torchdiffeq sampling"),
         Variant("torchcfm-otcfm", _peer(lambda: torchcfm_pairs(exact_ot=True)), sample_torchdiffeq,
@@ -479,8 +525,10 @@ def evaluate(variant: Variant, trained: Trained, p: Protocol, x0: torch.Tensor, 
             log(f"  {variant.name}: solver {method!r} is not in flowmatch.solvers.SOLVER_NAMES yet; skipped")
             continue
         per = FIXED_STEP_NFE[method]  # network evaluations per step
-        plan += [(method, nfe, nfe // per) for nfe in p.nfes if nfe % per == 0]
-    plan.append((ADAPTIVE, None, None))
+        plan += [(method, nfe, nfe // per) for nfe in p.nfes
+                 if nfe % per == 0 and (variant.nfes is None or nfe in variant.nfes)]
+    if variant.nfes is None:
+        plan.append((ADAPTIVE, None, None))
     for method, nfe, steps in plan:
         cell = {"solver": method, "nfe_budget": nfe, "steps": steps}
         try:

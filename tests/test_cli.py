@@ -77,6 +77,39 @@ def test_sample_image_folder_and_grid(tmp_path):
 
     manifest = json.loads((tmp_path / "gpngs" / "manifest.json").read_text())
     assert manifest["cfg_scale"] == 2.0 and manifest["cfg_interval"] == [0.2, 1.0]
+    # SDE sampling into a folder: the diffusion is part of the manifest, files do not depend on
+    # the batch size (per-sample seeded noise at every step)
+    sde = ["sample", str(run), "-n", "5", "--method", "euler_maruyama", "--steps", "4",
+           "--diffusion", "linear", "--no-progress"]
+    assert main([*sde, "--out", str(tmp_path / "s1"), "--batch-size", "5"]) == 0
+    assert main([*sde, "--out", str(tmp_path / "s2"), "--batch-size", "2"]) == 0
+    manifest = json.loads((tmp_path / "s1" / "manifest.json").read_text())
+    assert (manifest["method"], manifest["diffusion"], manifest["diffusion_norm"]) == ("euler_maruyama", "linear", 1.0)
+    for i in range(5):
+        a = np.asarray(Image.open(tmp_path / "s1" / f"{i:06d}.png"))
+        b = np.asarray(Image.open(tmp_path / "s2" / f"{i:06d}.png"))
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sample_few_step_options(tmp_path, capsys):
+    assert main(["train", *tiny_toy(tmp_path, 4), "--no-progress"]) == 0
+    run = str(tmp_path / "run")
+    for method, extra, nfe in [("dpm2m", ["--steps", "5", "--grid", "edm"], 5),
+                               ("midpoint", ["--nfe", "8"], 8),
+                               ("euler_maruyama", ["--steps", "6", "--diffusion", "sbdm"], 6)]:
+        assert main(["sample", run, "-n", "9", "--method", method, *extra,
+                     "--out", str(tmp_path / f"{method}.npy")]) == 0
+        assert f"NFE {nfe} per sample" in capsys.readouterr().out
+        assert np.isfinite(np.load(tmp_path / f"{method}.npy")).all()
+    # refusals: one line each, naming the setting and the valid choices
+    for bad, text in [(["--method", "rk4", "--nfe", "2"], "at least 4 network evaluations"),
+                      (["--method", "heun", "--nfe", "5"], "not a multiple"),
+                      (["--grid", "karras"], "valid: uniform, shifted, edm"),
+                      (["--method", "euler_maruyama", "--diffusion", "wiener"], "valid: constant"),
+                      (["--method", "leapfrog"], "euler_maruyama")]:
+        assert main(["sample", run, "-n", "2", *bad, "--out", str(tmp_path / "bad.npy")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert text in err and len(err.splitlines()) == 1, err
 
 
 def test_info_prints_exact_parameter_count(capsys):
