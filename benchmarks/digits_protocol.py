@@ -55,28 +55,23 @@ run (a tiny U-Net, 30 steps of batch 16, a 10-step classifier, n = 64, NFE 8, do
 JSON goes to a separate default file and its work directory is temporary.
 """
 
-# No `from __future__ import annotations`: with string annotations, @dataclass looks the module up in
-# sys.modules, and the tests load this script by path without registering it there.
+from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import io
 import json
-import math
-import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import _common as common  # benchmarks/_common.py: what the benchmark scripts share
 import numpy as np
 import torch
-from torch import nn
+from _common import ADAPTIVE, Trained, Variant
 
-from flowmatch import solvers
 from flowmatch.config import load_config
 from flowmatch.data import build_dataset
 from flowmatch.data.digits import Digits
@@ -89,18 +84,9 @@ from flowmatch.evaluation.fid import (
     train_digit_classifier,
 )
 from flowmatch.models import count_parameters
-from flowmatch.paths import AffinePath, build_path
-from flowmatch.sampling import FIXED_STEP_NFE, generate, sample_seed, seeded_noise
-from flowmatch.time_samplers import build_time_sampler
-from flowmatch.training import (
-    EMA,
-    BatchStream,
-    Trainer,
-    build_model_from_config,
-    ema_decay_from_halflife,
-    lr_at,
-    model_from_checkpoint,
-)
+from flowmatch.paths import build_path
+from flowmatch.sampling import generate, seeded_noise
+from flowmatch.training import model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "digits_unet.yaml"
@@ -108,11 +94,9 @@ DEFAULT_JSON = ROOT / "benchmarks" / "results" / "digits_protocol.json"
 QUICK_JSON = ROOT / "benchmarks" / "results" / "digits_protocol_quick.json"
 DEFAULT_WORK = ROOT / "runs" / "digits_protocol"
 
-ADAPTIVE = "dopri5"
 PR_K = 3  # neighbours for precision / recall
-#: Network evaluations per step of the fixed-step solvers we use; one missing from
-#: flowmatch.sampling.FIXED_STEP_NFE is taken as a 1-NFE multistep method.
-OWN_NFE_PER_STEP = {"dpm2m": 1}
+#: The distributions whose versions go into the JSON's machine facts.
+PACKAGES = ("flowmatch", "torchcfm", "flow_matching", "torchdiffeq", "POT", "numpy", "scikit-learn")
 
 
 @dataclass(frozen=True)
@@ -142,56 +126,6 @@ PROTOCOL = Protocol()
 #: --quick: a smoke run of every code path in seconds.
 QUICK = replace(PROTOCOL, base_channels=8, channel_mults=(1, 2), steps=30, batch_size=16,
                 warmup_steps=5, ema_decay=0.9, classifier_steps=10, n=64, nfes=(8,), adaptive_tol=1e-3)
-
-
-@dataclass
-class Trained:
-    """A trained velocity model v(x, t) (the EMA weights) and what its training cost."""
-
-    model: nn.Module
-    path: AffinePath  # the probability path it was trained on (dpm2m needs it)
-    loop_seconds: float  # the training loop only
-    mean_loss: float  # mean flow-matching loss over all steps
-
-
-#################################################################################
-#                                 Machine facts                                 #
-#################################################################################
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def machine_facts(threads: int) -> dict:
-    """What a reader needs to compare two runs of this script."""
-    return {
-        "cpu_model": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "threads": threads,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "packages": {name: package_version(name) for name in
-                     ("flowmatch", "torchcfm", "flow_matching", "torchdiffeq", "POT", "numpy",
-                      "scikit-learn")},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
 
 
 #################################################################################
@@ -263,159 +197,61 @@ def protocol_config(p: Protocol, out_dir: Path, extra: list[str] = ()):
 
 
 def train_ours(p: Protocol, work: Path, extra: list[str]) -> Trained:
-    """Through the real Trainer; the EMA weights come back via ``model_from_checkpoint``."""
+    """Through the real Trainer; the EMA weights are the model."""
     cfg = protocol_config(p, work, extra)  # a ConfigError here = an option we lack: skipped
-    trainer = Trainer(cfg, resume=False, progress=False)
-    with contextlib.redirect_stdout(io.StringIO()):  # its start/done lines would break the tables
-        result = trainer.fit()
-    last = trainer.history[-1]  # log_every = steps: one record, its speed spans the whole loop
-    loop_seconds = p.steps * p.batch_size / last["samples_per_s"]
-    model, saved, _ = model_from_checkpoint(result.run_dir, use_ema=True)
-    return Trained(model, build_path(saved.path.scheduler, **saved.path.params), loop_seconds,
-                   float(last["loss"]))
+    return common.train_with_trainer(cfg, use_ema=True)
 
 
 def train_peer(p: Protocol, work: Path, pairs: Callable) -> Trained:
-    """A plain loop with our Trainer's data, noise, times, init, optimizer, clipping and EMA;
-    ``pairs(x0, x1, t)`` is the peer's own construction of the regression input x_t and target u_t."""
+    """A plain loop with our Trainer's data, noise, times, init, optimizer, clipping and EMA (whose
+    weights come back); ``pairs(x0, x1, t)`` is the peer's own construction of x_t and u_t."""
     cfg = protocol_config(p, work)
-    tc = cfg.train
     images = build_dataset(cfg.data.kind, **cfg.data.params).images  # (1438, 1, S, S), as the Trainer's
-    shape = tuple(images.shape[1:])
-    stream = BatchStream(len(images), tc.batch_size, cfg.seed)
-    time_sampler = build_time_sampler(tc.time_sampler.name, shift=tc.time_sampler.shift,
-                                      **tc.time_sampler.params)
-    torch.manual_seed(cfg.seed)
-    model = build_model_from_config(cfg, shape, 0)
-    ema = EMA(model)
-    decay = (ema_decay_from_halflife(tc.ema_halflife_images, tc.batch_size)
-             if tc.ema_halflife_images > 0 else tc.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-    np.random.seed(cfg.seed)  # torchcfm draws its OT pairs with numpy's global RNG
-    model.train()
-    start, loss_sum = time.perf_counter(), 0.0
-    for k in range(tc.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(k, base_lr=tc.lr, total_steps=tc.steps, warmup_steps=tc.warmup_steps,
-                                schedule=tc.lr_schedule, min_lr_ratio=tc.min_lr_ratio)
-        x1 = images[stream.local_indices(k)]  # (B, 1, S, S)
-        # The Trainer's draws for step k, in its order (flowmatch.training.trainer, _STREAM_STEP = 2).
-        g = torch.Generator().manual_seed(sample_seed(cfg.seed * 1000 + 2, k))
-        x0 = torch.randn((tc.batch_size, *shape), generator=g)  # (B, 1, S, S) noise
-        t = time_sampler(tc.batch_size, generator=g)  # (B,)
-        x_t, u_t = pairs(x0, x1, t)
-        loss = (model(x_t, t) - u_t).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        optimizer.step()
-        ema.update(model, 0.0 if k + 1 <= tc.ema_start_step else decay)
-        loss_sum += float(loss.detach())
-    seconds = time.perf_counter() - start
-    path = build_path(cfg.path.scheduler, **cfg.path.params)  # linear: the peers' path too
-    return Trained(ema.model.eval(), path, seconds, loss_sum / tc.steps)
-
-
-def torchcfm_pairs(exact_ot: bool) -> Callable:
-    """torchcfm's (I-)CFM or exact OT-CFM at sigma = 0. Its first argument is the t = 0 end: noise.
-
-    OT-CFM solves the exact OT plan of the batch (POT's emd) and then *draws* B pairs from it with
-    replacement (numpy's RNG), so a batch holds repeated pairs; that is torchcfm's method, kept.
-    """
-    from torchcfm.conditional_flow_matching import (
-        ConditionalFlowMatcher,
-        ExactOptimalTransportConditionalFlowMatcher,
-    )
-
-    matcher = (ExactOptimalTransportConditionalFlowMatcher if exact_ot else ConditionalFlowMatcher)(sigma=0.0)
-
-    def pairs(x0, x1, t):
-        _, x_t, u_t = matcher.sample_location_and_conditional_flow(x0, x1, t=t)
-        return x_t, u_t
-
-    return pairs
-
-
-def flow_matching_pairs() -> Callable:
-    """flow_matching's affine path with the CondOT scheduler: x_t = t x1 + (1 - t) x0, dx_t = x1 - x0."""
-    from flow_matching.path import AffineProbPath
-    from flow_matching.path.scheduler import CondOTScheduler
-
-    path = AffineProbPath(scheduler=CondOTScheduler())
-
-    def pairs(x0, x1, t):
-        sample = path.sample(x_0=x0, x_1=x1, t=t)
-        return sample.x_t, sample.dx_t
-
-    return pairs
-
-
-#################################################################################
-#                                    Sampling                                   #
-#################################################################################
-# A sampler: (trained, x0, method, steps, tol) -> (x at t = 1, counted NFE); steps is None for
-# dopri5, which takes atol = rtol = tol.
-
-
-class _Counted(nn.Module):
-    """The model with its calls counted (peers' solvers do not count); a 0-dim t is broadcast to (B,)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model, self.nfe = model, 0
-
-    def forward(self, x, t, **extras):
-        self.nfe += 1
-        return self.model(x, t.reshape(-1).expand(len(x)).contiguous())
-
-
-def sample_ours(trained: Trained, x0, method, steps, tol):
-    # the path only for the solvers that need it (dpm2m): the others' calls stay the plain API
-    extra = {"path": trained.path} if method in getattr(solvers, "PATH_METHODS", ()) else {}
-    if steps is None:
-        result = generate(trained.model, x0, method=method, atol=tol, rtol=tol)
-    else:
-        result = generate(trained.model, x0, method=method, steps=steps, grid="uniform", **extra)
-    return result.x, result.nfe
-
-
-@torch.no_grad()
-def sample_torchdiffeq(trained: Trained, x0, method, steps, tol):
-    from torchdiffeq import odeint
-
-    counted = _Counted(trained.model)
-    if steps is None:
-        times = torch.tensor([0.0, 1.0])
-        x = odeint(lambda t, x: counted(x, t), x0, times, method=method, atol=tol, rtol=tol)
-    else:  # a fixed-step method walks exactly the grid it is given
-        x = odeint(lambda t, x: counted(x, t), x0, torch.linspace(0.0, 1.0, steps + 1), method=method)
-    return x[-1], counted.nfe
-
-
-def sample_flow_matching(trained: Trained, x0, method, steps, tol):
-    from flow_matching.solver import ODESolver
-
-    counted = _Counted(trained.model)
-    solver = ODESolver(velocity_model=counted)  # calls velocity_model(x=x, t=t), t 0-dim
-    step_size = None if steps is None else 1.0 / steps
-    x = solver.sample(x_init=x0, step_size=step_size, method=method, atol=tol, rtol=tol,
-                      time_grid=torch.tensor([0.0, 1.0]))
-    return x, counted.nfe
+    return common.train_peer_loop(cfg, images, pairs, ema=True)
 
 
 #################################################################################
 #                                    Variants                                   #
 #################################################################################
+# A variant (``_common.Variant``) has a training function (protocol, work dir) -> Trained and a
+# sampler (trained, x0, method, steps, tol) -> (x at t = 1, counted NFE); steps is None for the
+# adaptive solver.
 
 
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    train: Callable[[Protocol, Path], Trained]
-    sample: Callable  # (trained, x0, method, steps, tol) -> (x, nfe)
-    solvers: tuple[str, ...]  # fixed-step solvers evaluated (dopri5 is added for all)
-    note: str
+#: The distilled student's steps, its teacher trajectories and training steps (fractions of the budget).
+DISTILL_NFE = 8
+DISTILL_PAIRS_PER_STEP = 4  # trajectories per training step of the protocol (2000 at 500 steps)
+
+
+def train_distilled(p: Protocol, work: Path) -> Trained:
+    """An 8-step Euler student of the ``flowmatch-ot`` model (trained first if its run is missing).
+
+    ``flowmatch distill --nfe 8``: 4 x steps teacher trajectories (midpoint, 2 steps per segment: 32
+    NFE, the teacher's EMA weights), then steps / 2 training steps from the teacher's EMA weights.
+    ``loop_seconds`` is the whole cost: teacher loop + pairs + student training.
+    """
+    from flowmatch.training.distill import run_distill
+
+    teacher_dir = work.parent / "flowmatch-ot"
+    teacher_seconds = common.teacher_loop_seconds(
+        teacher_dir, p.steps * p.batch_size,
+        lambda: train_ours(p, teacher_dir, ["train.coupling.name=exact"]))
+    steps = max(1, p.steps // 2)
+    with contextlib.redirect_stdout(io.StringIO()):
+        report = run_distill(teacher_dir, work, nfe=DISTILL_NFE, n=DISTILL_PAIRS_PER_STEP * p.steps,
+                             train_steps=steps, method="midpoint", steps_per_segment=2,
+                             batch_size=256, progress=False, overrides=common.distill_overrides(steps))
+    model, saved, _ = model_from_checkpoint(work, use_ema=True)
+    last = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])
+    trained = Trained(model, build_path(saved.path.scheduler, **saved.path.params),
+                      teacher_seconds + report["pair_seconds"] + report["train_seconds"], float(last["loss"]))
+    trained.distill = report
+    return trained
+
+
+def sample_distilled(trained: Trained, x0, method, steps, tol):
+    result = generate(trained.model, x0, method="euler", steps=steps)
+    return result.x, result.nfe
 
 
 def _ours(extra: list[str]) -> Callable:
@@ -426,61 +262,14 @@ def _peer(make_pairs: Callable) -> Callable:
     return lambda p, work: train_peer(p, work, make_pairs())
 
 
-OUR_SOLVERS = ("euler", "midpoint", "ab2", "dpm2m")
-PEER_SOLVERS = ("euler", "midpoint")
+OUR_SOLVERS = ("euler", "midpoint", "ab2", "dpm2m", "ab2@edm", "dpm2m@edm")
 
-#: The variants, in table order. Add one = add an entry.
-VARIANTS: dict[str, Variant] = {
-    v.name: v for v in [
-        Variant("flowmatch", _ours([]), sample_ours, OUR_SOLVERS,
-                "flowmatch Trainer, linear path, independent coupling"),
-        Variant("flowmatch-ot", _ours(["train.coupling.name=exact"]), sample_ours, OUR_SOLVERS,
-                "flowmatch Trainer, exact minibatch OT coupling (train.coupling.name=exact)"),
-        # ---- the lead's further variants of ours go here, e.g. _ours(["train.time_sampler={name: logit_normal}"])
-        Variant("torchcfm-cfm", _peer(lambda: torchcfm_pairs(exact_ot=False)), sample_torchdiffeq,
-                PEER_SOLVERS, "torchcfm ConditionalFlowMatcher(sigma=0); torchdiffeq sampling"),
-        Variant("torchcfm-otcfm", _peer(lambda: torchcfm_pairs(exact_ot=True)), sample_torchdiffeq,
-                PEER_SOLVERS, "torchcfm ExactOptimalTransportConditionalFlowMatcher(sigma=0) "
-                "(pairs redrawn from the plan with replacement); torchdiffeq sampling"),
-        Variant("fm-condot", _peer(flow_matching_pairs), sample_flow_matching, PEER_SOLVERS,
-                "flow_matching AffineProbPath(CondOTScheduler); its ODESolver for sampling"),
-    ]
-}
-
-
-def nfe_per_step(method: str) -> int:
-    return FIXED_STEP_NFE.get(method) or OWN_NFE_PER_STEP.get(method, 1)
-
-
-def _reason(error: BaseException) -> str:
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {text}"
-
-
-def evaluate(variant: Variant, trained: Trained, p: Protocol, x0: torch.Tensor, scorer: Scorer,
-             log: Callable[[str], None]) -> list[dict]:
-    """Every (solver, NFE) cell of one model: samples, counted NFE, FID / precision / recall, seconds."""
-    plan = []
-    for method in variant.solvers:
-        if method not in solvers.SOLVER_NAMES:
-            log(f"  {variant.name}: solver {method!r} is not in flowmatch.solvers.SOLVER_NAMES; skipped")
-            continue
-        per = nfe_per_step(method)
-        plan += [(method, nfe, nfe // per) for nfe in p.nfes if nfe % per == 0]
-    plan.append((ADAPTIVE, None, None))
-    cells = []
-    for method, nfe, steps in plan:
-        cell = {"solver": method, "nfe_budget": nfe, "steps": steps}
-        try:
-            start = time.perf_counter()
-            x, counted = variant.sample(trained, x0.clone(), method, steps, p.adaptive_tol)
-            cell["sample_seconds"] = time.perf_counter() - start
-            cell.update(nfe=int(counted), **scorer(x.detach().float()))
-        except Exception as error:  # a solver that fails is one empty cell, not a lost run
-            cell["error"] = _reason(error)
-            log(f"  {variant.name} {method} NFE {nfe}: failed ({cell['error']})")
-        cells.append(cell)
-    return cells
+#: The variants by name, in table order: ours, the distilled student, the peers'.
+VARIANTS: dict[str, Variant] = common.protocol_variants(
+    _ours, _peer, OUR_SOLVERS, "flowmatch Trainer, exact minibatch OT coupling (train.coupling.name=exact)",
+    Variant("flowmatch-ot-distill", train_distilled, sample_distilled, ("euler",),
+            "flowmatch-ot distilled into an 8-step Euler student (flowmatch distill --nfe 8); "
+            "training time = teacher + pairs + student", nfes=(DISTILL_NFE,)))
 
 
 #################################################################################
@@ -529,27 +318,18 @@ def quality_table(methods: dict, floor: dict, n: int, n_ref: int) -> str:
 #################################################################################
 
 
-def _csv(kind):
-    return lambda text: [kind(s) for s in text.split(",") if s.strip()]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     F, Q = PROTOCOL, QUICK
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", type=_csv(str), default=list(VARIANTS),
+    p.add_argument("--variants", type=common.csv_list(str), default=list(VARIANTS),
                    help=f"comma-separated variants (default: {','.join(VARIANTS)})")
     p.add_argument("--steps", type=int, default=None,
                    help=f"training steps (default: {F.steps}; --quick: {Q.steps})")
     p.add_argument("--n", type=int, default=None,
                    help=f"images per scored set, generated and floor alike (default: {F.n} = the test "
                         f"split; --quick: {Q.n}); above {F.n} the floor stays at {F.n}")
-    p.add_argument("--nfe", type=_csv(int), default=None,
-                   help=f"NFE budgets (default: {','.join(map(str, F.nfes))}; --quick: "
-                        f"{','.join(map(str, Q.nfes))}); dopri5 is always added")
-    p.add_argument("--seed", type=int, default=F.seed,
-                   help="training seed: init, data order, noise, times (default: %(default)s)")
-    p.add_argument("--eval-seed", type=int, default=F.eval_seed,
-                   help="evaluation noise and precision/recall subset (default: %(default)s)")
+    common.add_nfe_and_seed_arguments(p, F.nfes, Q.nfes, F.seed, F.eval_seed,
+                                      "evaluation noise and precision/recall subset")
     p.add_argument("--threads", type=int, default=F.threads, help="torch intra-op threads (default: %(default)s)")
     p.add_argument("--work-dir", default=None,
                    help=f"our Trainer's run directories and the cached classifier (default: "
@@ -592,25 +372,19 @@ def run(p: Protocol, variants: list[Variant], work: Path, log: Callable[[str], N
     methods = {}
     for variant in variants:
         try:
-            start = time.perf_counter()
-            trained = variant.train(p, work / variant.name)
-            train_wall = time.perf_counter() - start
+            trained, train_wall = common.timed(variant.train, p, work / variant.name)
         except Exception as error:  # a peer not installed, an option we lack, a crash: skip, go on
-            reason = _reason(error)
+            reason = common.error_reason(error)
             log(f"{variant.name}: skipped ({reason})")
             methods[variant.name] = {"status": "skipped", "reason": reason}
             continue
-        start = time.perf_counter()
-        cells = evaluate(variant, trained, p, x0, scorer, log)
-        eval_wall = time.perf_counter() - start
-        train = {"steps": p.steps, "loop_seconds": trained.loop_seconds,
-                 "s_per_1k_steps": 1000.0 * trained.loop_seconds / p.steps,
-                 "wall_seconds": train_wall, "mean_loss": trained.mean_loss,
-                 "params": count_parameters(trained.model)}
-        methods[variant.name] = {"status": "ok", "note": variant.note, "train": train,
-                                 "eval_seconds": eval_wall, "cells": cells}
-        log(f"{variant.name}: {train['s_per_1k_steps']:.1f} s/1k steps (train wall {train_wall:.0f} s), "
-            f"mean loss {trained.mean_loss:.4f}; {len(cells)} cells in {eval_wall:.0f} s")
+        cells, eval_wall = common.timed(common.evaluate, variant, trained, x0, p.nfes, p.adaptive_tol,
+                                        scorer, log)
+        method = common.method_result(variant, trained, p.steps, train_wall, cells, eval_wall,
+                                      mean_loss=trained.loss, params=count_parameters(trained.model))
+        methods[variant.name] = method
+        log(f"{variant.name}: {method['train']['s_per_1k_steps']:.1f} s/1k steps (train wall "
+            f"{train_wall:.0f} s), mean loss {trained.loss:.4f}; {len(cells)} cells in {eval_wall:.0f} s")
     return {"classifier": classifier, "n_reference": len(train_images), "floor": floor,
             "methods": methods}
 
@@ -648,12 +422,8 @@ def main(argv=None) -> dict:
 
     protocol = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(p).items()}  # as JSON has it
     out = {"protocol": protocol, "adaptive": ADAPTIVE, "precision_recall_k": PR_K, "variants": {v.name: v.note for v in variants},
-           "machine": machine_facts(args.threads), **results, "wall_seconds": wall}
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
-    return out
+           "machine": common.machine_facts(args.threads, PACKAGES), **results, "wall_seconds": wall}
+    return common.write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from dataclasses import replace
@@ -53,6 +52,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _common import machine_facts  # benchmarks/_common.py
 
 from flowmatch.config import load_config
 from flowmatch.models import DiT, DiTConfig, count_parameters
@@ -65,38 +65,6 @@ COLUMNS = ("model", "mode", "batch", "threads", "ms/iter", "img/s", "GFLOP/s", "
 REFERENCE_CLASSES = 1000
 #: Each timed matmul repeat loops for at least this long, so a small product is not timer noise.
 MATMUL_MIN_SECONDS = 0.05
-
-
-#################################################################################
-#                                 Machine facts                                 #
-#################################################################################
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_facts(threads: int) -> dict:
-    """What a reader needs to compare two runs of this script."""
-    return {
-        "cpu_model": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "threads": threads,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "mkl": torch.backends.mkl.is_available(),
-        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
 
 
 #################################################################################
@@ -659,7 +627,7 @@ def main(argv=None) -> dict:
 
     results = {
         "columns": list(COLUMNS),
-        "machine": machine_facts(args.threads),
+        "machine": machine_facts(args.threads, backends=True),
         "args": vars(args),
         "config": str(resolve_config_path(args.config)),
         "data_shape": list(data_shape),

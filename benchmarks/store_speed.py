@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import cpu_model  # benchmarks/_common.py
 from torch.utils.data import DataLoader, RandomSampler
 
 from flowmatch.data.latents import FORMAT, LatentStore, read_store_meta
@@ -163,17 +164,6 @@ def format_table(rows: list[dict]) -> str:
 #################################################################################
 #                                     Main                                      #
 #################################################################################
-
-
-def cpu_model() -> str:
-    """The CPU's name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -43,43 +43,31 @@ with a printed note; so is a solver that fails. ``--quick`` is a smoke run: one 
 300 points, NFE {1, 4}, and its JSON goes to a separate default file.
 """
 
-# No `from __future__ import annotations`: with string annotations, @dataclass looks the module up in
-# sys.modules, and the tests load this script by path without registering it there.
+from __future__ import annotations
+
 import argparse
 import concurrent.futures
 import contextlib
-import importlib.metadata
 import io
-import json
 import math
 import multiprocessing
-import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
+import _common as common  # benchmarks/_common.py: what the benchmark scripts share
 import torch
-from torch import nn
+from _common import ADAPTIVE, Trained, Variant
 
-from flowmatch import solvers
 from flowmatch.config import ConfigError, load_config
 from flowmatch.data import build_dataset
 from flowmatch.data.toy2d import TOY2D_NAMES, sample_toy2d
 from flowmatch.evaluation import sliced_wasserstein
-from flowmatch.paths import AffinePath, build_path
-from flowmatch.sampling import FIXED_STEP_NFE, generate, sample_seed, seeded_noise
-from flowmatch.time_samplers import build_time_sampler
-from flowmatch.training import (
-    BatchStream,
-    Trainer,
-    build_model_from_config,
-    lr_at,
-    model_from_checkpoint,
-)
+from flowmatch.paths import build_path
+from flowmatch.sampling import generate, seeded_noise
+from flowmatch.training import model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "toy2d.yaml"
@@ -90,7 +78,6 @@ NFES = (1, 2, 4, 8, 16, 32, 100)
 #: RBF bandwidths of the MMD kernel k(a, b) = mean_s exp(-|a - b|^2 / (2 s^2)): from half the
 #: 8gaussians' std (0.1) up to the scale of the whole figure (~4), each twice the previous.
 MMD_BANDWIDTHS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
-ADAPTIVE = "dopri5"
 ADAPTIVE_TOL = 1e-5
 FLOOR_SEEDS = 3
 #: In --quick, these replace the defaults of the options not given on the command line.
@@ -116,53 +103,8 @@ class Protocol:
     jobs: int = 1  # processes running targets side by side
 
 
-@dataclass
-class Trained:
-    """A trained velocity model v(x, t) and what its training cost."""
-
-    model: nn.Module
-    path: AffinePath  # the probability path it was trained on (dpm2m needs it)
-    loop_seconds: float  # the training loop only
-    final_loss: float  # ours: mean over the loop's one log interval (the whole run); peers: the same
-
-
-#################################################################################
-#                                 Machine facts                                 #
-#################################################################################
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def machine_facts(threads: int) -> dict:
-    """What a reader needs to compare two runs of this script."""
-    return {
-        "cpu_model": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "threads": threads,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "packages": {name: package_version(name) for name in
-                     ("flowmatch", "torchcfm", "flow_matching", "torchdiffeq", "POT", "scipy")},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+#: The distributions whose versions go into the JSON's machine facts.
+PACKAGES = ("flowmatch", "torchcfm", "flow_matching", "torchdiffeq", "POT", "scipy")
 
 
 #################################################################################
@@ -264,6 +206,11 @@ class Reference:
             self._cache[key] = out
         return dict(self._cache[key])
 
+    def timed_metrics(self, x: torch.Tensor) -> dict:
+        """``metrics(x)``, and how long they took under ``"metric_seconds"``."""
+        metrics, seconds = common.timed(self.metrics, x)
+        return {**metrics, "metric_seconds": seconds}
+
 
 def mean_metrics(rows: list[dict]) -> dict:
     return {k: sum(r[k] for r in rows) / len(rows) for k in ("w2", "sw2", "mmd2")}
@@ -290,152 +237,25 @@ def protocol_config(p: Protocol, target: str, out_dir: Path, extra: list[str] = 
 
 
 def train_ours(p: Protocol, target: str, work: Path, extra: list[str]) -> Trained:
-    """Through the real Trainer; the raw (not EMA) weights come back via ``model_from_checkpoint``."""
+    """Through the real Trainer; the raw (not EMA) weights are the model."""
     cfg = protocol_config(p, target, work, extra)  # a ConfigError here = an option we lack: skipped
-    trainer = Trainer(cfg, resume=False, progress=False)
-    with contextlib.redirect_stdout(io.StringIO()):  # its start/done lines would break the tables
-        result = trainer.fit()
-    last = trainer.history[-1]  # log_every = steps: one record, its speed spans the whole loop
-    loop_seconds = p.steps * p.batch_size / last["samples_per_s"]
-    model, saved, _ = model_from_checkpoint(result.run_dir, use_ema=False)
-    return Trained(model, build_path(saved.path.scheduler, **saved.path.params), loop_seconds,
-                   float(last["loss"]))
+    return common.train_with_trainer(cfg, use_ema=False)
 
 
 def train_peer(p: Protocol, target: str, work: Path, pairs: Callable) -> Trained:
-    """A plain loop with our Trainer's data, noise, times, init and optimizer; ``pairs(x0, x1, t)``
-    is the peer's own construction of the regression input x_t and target u_t."""
+    """A plain loop with our Trainer's data, noise, times, init and optimizer (no EMA: the raw
+    weights); ``pairs(x0, x1, t)`` is the peer's own construction of x_t and u_t."""
     cfg = protocol_config(p, target, work)
-    tc = cfg.train
     points = build_dataset(cfg.data.kind, **cfg.data.params).points  # (100000, 2), as the Trainer's
-    stream = BatchStream(len(points), tc.batch_size, cfg.seed)
-    time_sampler = build_time_sampler(tc.time_sampler.name, shift=tc.time_sampler.shift,
-                                      **tc.time_sampler.params)
-    torch.manual_seed(cfg.seed)
-    model = build_model_from_config(cfg, (2,), 0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=0.0)
-    np.random.seed(cfg.seed)  # torchcfm draws its OT pairs with numpy's global RNG
-    model.train()
-    start, loss_sum = time.perf_counter(), 0.0
-    for k in range(tc.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(k, base_lr=tc.lr, total_steps=tc.steps, warmup_steps=tc.warmup_steps,
-                                schedule=tc.lr_schedule, min_lr_ratio=tc.min_lr_ratio)
-        x1 = points[stream.local_indices(k)]  # (B, 2)
-        # The Trainer's draws for step k, in its order (flowmatch.training.trainer, _STREAM_STEP = 2).
-        g = torch.Generator().manual_seed(sample_seed(cfg.seed * 1000 + 2, k))
-        x0 = torch.randn((tc.batch_size, 2), generator=g)  # (B, 2) noise
-        t = time_sampler(tc.batch_size, generator=g)  # (B,)
-        x_t, u_t = pairs(x0, x1, t)
-        loss = (model(x_t, t) - u_t).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += float(loss.detach())
-    seconds = time.perf_counter() - start
-    path = build_path(cfg.path.scheduler, **cfg.path.params)  # linear: the peers' path too
-    return Trained(model.eval(), path, seconds, loss_sum / tc.steps)
-
-
-def torchcfm_pairs(exact_ot: bool) -> Callable:
-    """torchcfm's (I-)CFM or exact OT-CFM at sigma = 0. Its first argument is the t = 0 end: noise.
-
-    OT-CFM solves the exact OT plan of the batch (POT's emd) and then *draws* B pairs from it with
-    replacement (numpy's RNG), so a batch holds repeated pairs; that is torchcfm's method, kept.
-    """
-    from torchcfm.conditional_flow_matching import (
-        ConditionalFlowMatcher,
-        ExactOptimalTransportConditionalFlowMatcher,
-    )
-
-    matcher = (ExactOptimalTransportConditionalFlowMatcher if exact_ot else ConditionalFlowMatcher)(sigma=0.0)
-
-    def pairs(x0, x1, t):
-        _, x_t, u_t = matcher.sample_location_and_conditional_flow(x0, x1, t=t)
-        return x_t, u_t
-
-    return pairs
-
-
-def flow_matching_pairs() -> Callable:
-    """flow_matching's affine path with the CondOT scheduler: x_t = t x1 + (1 - t) x0, dx_t = x1 - x0."""
-    from flow_matching.path import AffineProbPath
-    from flow_matching.path.scheduler import CondOTScheduler
-
-    path = AffineProbPath(scheduler=CondOTScheduler())
-
-    def pairs(x0, x1, t):
-        sample = path.sample(x_0=x0, x_1=x1, t=t)
-        return sample.x_t, sample.dx_t
-
-    return pairs
-
-
-#################################################################################
-#                                    Sampling                                   #
-#################################################################################
-# A sampler: (trained, x0, method, steps) -> (x at t = 1, counted NFE); steps is None for dopri5.
-
-
-class _Counted(nn.Module):
-    """The model with its calls counted (peers' solvers do not count)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model, self.nfe = model, 0
-
-    def forward(self, x, t, **extras):
-        self.nfe += 1
-        return self.model(x, t)
-
-
-def sample_ours(trained: Trained, x0, method, steps):
-    # the path only for the solvers that need it (dpm2m): the others' calls stay the plain API
-    extra = {"path": trained.path} if method in getattr(solvers, "PATH_METHODS", ()) else {}
-    if steps is None:
-        result = generate(trained.model, x0, method=method, atol=ADAPTIVE_TOL, rtol=ADAPTIVE_TOL)
-    else:
-        result = generate(trained.model, x0, method=method, steps=steps, grid="uniform", **extra)
-    return result.x, result.nfe
-
-
-@torch.no_grad()
-def sample_torchdiffeq(trained: Trained, x0, method, steps):
-    from torchdiffeq import odeint
-
-    counted = _Counted(trained.model)
-    if steps is None:
-        times = torch.tensor([0.0, 1.0])
-        x = odeint(lambda t, x: counted(x, t), x0, times, method=method, atol=ADAPTIVE_TOL, rtol=ADAPTIVE_TOL)
-    else:  # a fixed-step method walks exactly the grid it is given
-        x = odeint(lambda t, x: counted(x, t), x0, torch.linspace(0.0, 1.0, steps + 1), method=method)
-    return x[-1], counted.nfe
-
-
-def sample_flow_matching(trained: Trained, x0, method, steps):
-    from flow_matching.solver import ODESolver
-
-    counted = _Counted(trained.model)
-    solver = ODESolver(velocity_model=counted)  # calls velocity_model(x=x, t=t), t 0-dim
-    step_size = None if steps is None else 1.0 / steps
-    x = solver.sample(x_init=x0, step_size=step_size, method=method, atol=ADAPTIVE_TOL, rtol=ADAPTIVE_TOL,
-                      time_grid=torch.tensor([0.0, 1.0]))
-    return x, counted.nfe
+    return common.train_peer_loop(cfg, points, pairs, ema=False)
 
 
 #################################################################################
 #                                    Variants                                   #
 #################################################################################
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    train: Callable[[Protocol, str, Path], Trained]
-    sample: Callable  # (trained, x0, method, steps) -> (x, nfe)
-    solvers: tuple[str, ...]  # fixed-step solvers evaluated (dopri5 is added unless nfes is set)
-    note: str
-    nfes: tuple[int, ...] | None = None  # only these NFE budgets (few-step students); None = all
+# A variant (``_common.Variant``) has a training function (protocol, target, work dir) -> Trained and
+# a sampler (trained, x0, method, steps, tol) -> (x at t = 1, counted NFE); steps is None for the
+# adaptive solver.
 
 
 #: Distillation of the flowmatch-ot model into K-step Euler students, one per K.
@@ -452,11 +272,9 @@ def train_distilled(p: Protocol, target: str, work: Path) -> Trained:
     from flowmatch.training.distill import run_distill
 
     teacher_dir = work.parent.parent / "flowmatch-ot" / target
-    if (teacher_dir / "checkpoints" / "latest.pt").is_file() and (teacher_dir / "metrics.jsonl").is_file():
-        last = json.loads((teacher_dir / "metrics.jsonl").read_text().splitlines()[-1])
-        teacher_seconds = p.steps * p.batch_size / last["samples_per_s"]
-    else:
-        teacher_seconds = train_ours(p, target, teacher_dir, ["train.coupling.name=exact"]).loop_seconds
+    teacher_seconds = common.teacher_loop_seconds(
+        teacher_dir, p.steps * p.batch_size,
+        lambda: train_ours(p, target, teacher_dir, ["train.coupling.name=exact"]))
     steps = max(1, p.steps // 2)
     students, extra, costs = {}, 0.0, {}
     for k in DISTILL_NFES:
@@ -464,9 +282,7 @@ def train_distilled(p: Protocol, target: str, work: Path) -> Trained:
             continue
         with contextlib.redirect_stdout(io.StringIO()):
             report = run_distill(teacher_dir, work / f"nfe{k}", nfe=k, n=5 * p.n, train_steps=steps,
-                                 method="rk4", progress=False,
-                                 overrides=[f"train.log_every={steps}", "train.sample_every=0",
-                                            "train.save_every=0", "train.warmup_steps=0", "device=cpu"])
+                                 method="rk4", progress=False, overrides=common.distill_overrides(steps))
         extra += report["pair_seconds"] + report["train_seconds"]
         costs[k] = report
         students[k] = model_from_checkpoint(work / f"nfe{k}", use_ema=False)[0]
@@ -478,7 +294,7 @@ def train_distilled(p: Protocol, target: str, work: Path) -> Trained:
     return trained
 
 
-def sample_distilled(trained: Trained, x0, method, steps):
+def sample_distilled(trained: Trained, x0, method, steps, tol):
     result = generate(trained.students[steps], x0, method="euler", steps=steps)
     return result.x, result.nfe
 
@@ -492,57 +308,14 @@ def _peer(make_pairs: Callable) -> Callable:
 
 
 OUR_SOLVERS = ("euler", "midpoint", "ab2", "dpm2m")
-PEER_SOLVERS = ("euler", "midpoint")
 
-#: The variants, in table order. Add one = add an entry.
-VARIANTS: dict[str, Variant] = {
-    v.name: v for v in [
-        Variant("flowmatch", _ours([]), sample_ours, OUR_SOLVERS,
-                "flowmatch Trainer, linear path, independent coupling"),
-        Variant("flowmatch-ot", _ours(["train.coupling.name=exact"]), sample_ours, OUR_SOLVERS,
-                "flowmatch Trainer, exact minibatch OT: the batch's optimal permutation (train.coupling.name=exact)"),
-        Variant("flowmatch-ot-distill", train_distilled, sample_distilled, ("euler",),
-                "flowmatch-ot distilled into K-step Euler students (flowmatch distill --nfe K, one per "
-                "K in 1, 2, 4); training time = teacher + pairs + students", nfes=DISTILL_NFES),
-        Variant("torchcfm-cfm", _peer(lambda: torchcfm_pairs(exact_ot=False)), sample_torchdiffeq,
-                PEER_SOLVERS, "torchcfm ConditionalFlowMatcher(sigma=0); torchdiffeq sampling"),
-        Variant("torchcfm-otcfm", _peer(lambda: torchcfm_pairs(exact_ot=True)), sample_torchdiffeq,
-                PEER_SOLVERS, "torchcfm ExactOptimalTransportConditionalFlowMatcher(sigma=0) "
-                "(pairs redrawn from the plan with replacement); torchdiffeq sampling"),
-        Variant("fm-condot", _peer(flow_matching_pairs), sample_flow_matching, PEER_SOLVERS,
-                "flow_matching AffineProbPath(CondOTScheduler); its ODESolver for sampling"),
-    ]
-}
-
-
-def evaluate(variant: Variant, trained: Trained, p: Protocol, x0: torch.Tensor, ref: Reference,
-             log: Callable[[str], None]) -> list[dict]:
-    """Every (solver, NFE) cell of one model: samples, counted NFE, metrics, seconds."""
-    cells = []
-    plan = []
-    for method in variant.solvers:
-        if method not in solvers.SOLVER_NAMES:
-            log(f"  {variant.name}: solver {method!r} is not in flowmatch.solvers.SOLVER_NAMES yet; skipped")
-            continue
-        per = FIXED_STEP_NFE[method]  # network evaluations per step
-        plan += [(method, nfe, nfe // per) for nfe in p.nfes
-                 if nfe % per == 0 and (variant.nfes is None or nfe in variant.nfes)]
-    if variant.nfes is None:
-        plan.append((ADAPTIVE, None, None))
-    for method, nfe, steps in plan:
-        cell = {"solver": method, "nfe_budget": nfe, "steps": steps}
-        try:
-            start = time.perf_counter()
-            x, counted = variant.sample(trained, x0.clone(), method, steps)
-            cell["sample_seconds"] = time.perf_counter() - start
-            start = time.perf_counter()
-            cell.update(nfe=int(counted), **ref.metrics(x.detach().float()))
-            cell["metric_seconds"] = time.perf_counter() - start
-        except Exception as error:  # a solver that fails is one empty cell, not a lost run
-            cell["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            log(f"  {variant.name} {method} NFE {nfe}: failed ({cell['error']})")
-        cells.append(cell)
-    return cells
+#: The variants by name, in table order: ours, the distilled students, the peers'.
+VARIANTS: dict[str, Variant] = common.protocol_variants(
+    _ours, _peer, OUR_SOLVERS,
+    "flowmatch Trainer, exact minibatch OT: the batch's optimal permutation (train.coupling.name=exact)",
+    Variant("flowmatch-ot-distill", train_distilled, sample_distilled, ("euler",),
+            "flowmatch-ot distilled into K-step Euler students (flowmatch distill --nfe K, one per "
+            "K in 1, 2, 4); training time = teacher + pairs + students", nfes=DISTILL_NFES))
 
 
 #################################################################################
@@ -637,28 +410,19 @@ def summary_table(rows: list[dict]) -> str:
 #################################################################################
 
 
-def _csv(kind):
-    return lambda text: [kind(s) for s in text.split(",") if s.strip()]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--targets", type=_csv(str), default=None,
+    p.add_argument("--targets", type=common.csv_list(str), default=None,
                    help=f"comma-separated toy targets (default: {','.join(FULL['targets'])}; --quick: "
                         f"{','.join(QUICK['targets'])})")
-    p.add_argument("--variants", type=_csv(str), default=list(VARIANTS),
+    p.add_argument("--variants", type=common.csv_list(str), default=list(VARIANTS),
                    help=f"comma-separated variants (default: {','.join(VARIANTS)})")
     p.add_argument("--steps", type=int, default=None,
                    help=f"training steps (default: {FULL['steps']}; --quick: {QUICK['steps']})")
     p.add_argument("--n", type=int, default=None,
                    help=f"evaluation samples and target points (default: {FULL['n']}; --quick: {QUICK['n']})")
-    p.add_argument("--nfe", type=_csv(int), default=None,
-                   help=f"NFE budgets (default: {','.join(map(str, FULL['nfe']))}; --quick: "
-                        f"{','.join(map(str, QUICK['nfe']))}); dopri5 is always added")
-    p.add_argument("--seed", type=int, default=Protocol.seed,
-                   help="training seed: init, data order, noise, times (default: %(default)s)")
-    p.add_argument("--eval-seed", type=int, default=Protocol.eval_seed,
-                   help="evaluation noise and reference set; floors use the next 3 (default: %(default)s)")
+    common.add_nfe_and_seed_arguments(p, FULL["nfe"], QUICK["nfe"], Protocol.seed, Protocol.eval_seed,
+                                      "evaluation noise and reference set; floors use the next 3")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads per process (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=None,
@@ -718,29 +482,24 @@ def run_target(target: str, p: Protocol, variant_names: list[str], work: Path) -
     result = {"n": p.n, "floor": {**mean_metrics(floors), "seeds": FLOOR_SEEDS}, "methods": {}}
     for variant in (VARIANTS[name] for name in variant_names):
         try:
-            start = time.perf_counter()
-            trained = variant.train(p, target, work / variant.name / target)
-            train_wall = time.perf_counter() - start
+            trained, train_wall = common.timed(variant.train, p, target, work / variant.name / target)
         except (ImportError, ConfigError) as error:  # a peer not installed, an option we lack yet
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            reason = common.error_reason(error)
             log(f"[{target}] {variant.name}: skipped ({reason})")
             result["methods"][variant.name] = {"status": "skipped", "reason": reason}
             continue
         except Exception as error:  # one broken variant must not lose the others' numbers
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            reason = common.error_reason(error)
             log(f"[{target}] {variant.name}: training failed, skipped ({reason})")
             result["methods"][variant.name] = {"status": "skipped", "reason": reason}
             continue
-        start = time.perf_counter()
-        cells = evaluate(variant, trained, p, x0, ref, log)
-        eval_wall = time.perf_counter() - start
-        train = {"steps": p.steps, "loop_seconds": trained.loop_seconds,
-                 "s_per_1k_steps": 1000.0 * trained.loop_seconds / p.steps,
-                 "wall_seconds": train_wall, "final_loss": trained.final_loss}
-        result["methods"][variant.name] = {"status": "ok", "note": variant.note, "train": train,
-                                           "eval_seconds": eval_wall, "cells": cells}
-        log(f"[{target}] {variant.name}: {train['s_per_1k_steps']:.2f} s/1k steps (train wall "
-            f"{train_wall:.1f} s), loss {trained.final_loss:.4f}; {len(cells)} cells evaluated in "
+        cells, eval_wall = common.timed(common.evaluate, variant, trained, x0, p.nfes, ADAPTIVE_TOL,
+                                        ref.timed_metrics, log)
+        method = common.method_result(variant, trained, p.steps, train_wall, cells, eval_wall,
+                                      final_loss=trained.loss)
+        result["methods"][variant.name] = method
+        log(f"[{target}] {variant.name}: {method['train']['s_per_1k_steps']:.2f} s/1k steps (train wall "
+            f"{train_wall:.1f} s), loss {trained.loss:.4f}; {len(cells)} cells evaluated in "
             f"{eval_wall:.1f} s")
     return result
 
@@ -780,13 +539,10 @@ def main(argv=None) -> dict:
 
     out = {"protocol": {**asdict(p), "nfes": list(p.nfes)}, "mmd_bandwidths": list(MMD_BANDWIDTHS), "adaptive": {
                "method": ADAPTIVE, "atol": ADAPTIVE_TOL, "rtol": ADAPTIVE_TOL},
-           "w2_solver": w2_solver(), "variants": {v.name: v.note for v in variants}, "machine": machine_facts(args.threads),
+           "w2_solver": w2_solver(), "variants": {v.name: v.note for v in variants},
+           "machine": common.machine_facts(args.threads, PACKAGES),
            "targets": results, "summary": rows, "wall_seconds": wall}
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
-    return out
+    return common.write_json(args.json, out)
 
 
 if __name__ == "__main__":

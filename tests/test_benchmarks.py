@@ -15,13 +15,26 @@ import torch
 import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def _load(name: str):
-    """A script of benchmarks/ as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    """A script of benchmarks/ as a module (benchmarks/ is not a package).
+
+    As when a script runs (``python benchmarks/NAME.py``), benchmarks/ is on ``sys.path``, so that
+    its ``import _common`` works; the module is registered in ``sys.modules`` (under ``bench_NAME``)
+    before it runs, as dataclasses with string annotations need.
+    """
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
     return module
 
 
@@ -228,7 +241,7 @@ def test_digits_protocol_quick_run(tmp_path, capsys, monkeypatch):
     """--quick end to end: every variant trains or is skipped with its reason; tables and JSON."""
     bench = _load("digits_protocol")
     # A variant whose config our Trainer rejects is skipped with the reason; the run goes on.
-    broken = bench.Variant("flowmatch-typo", bench._ours(["train.no_such_option=1"]), bench.sample_ours,
+    broken = bench.Variant("flowmatch-typo", bench._ours(["train.no_such_option=1"]), bench.common.sample_ours,
                            bench.OUR_SOLVERS, "a mistyped option")
     monkeypatch.setitem(bench.VARIANTS, broken.name, broken)
     out_json, work = tmp_path / "digits.json", tmp_path / "work"

@@ -16,14 +16,6 @@ MU = torch.tensor([1.5, -0.5], dtype=F64)
 STD = 0.5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_diffusion_coefficients():
     lin = build_path("linear")
     assert diffusion_coefficient("constant", 0.3, lin, norm=2.0) == 2.0

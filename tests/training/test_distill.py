@@ -16,14 +16,6 @@ from flowmatch.training import Trainer, model_from_checkpoint
 from flowmatch.training.distill import make_pairs, run_distill, run_reflow
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def teacher_cfg(tmp_path, steps=400, class_cond=False, name="8gaussians"):
     return config_from_dict({
         "name": "teacher", "seed": 0, "out_dir": str(tmp_path / "teacher"), "device": "cpu",
