@@ -6,6 +6,7 @@ reader never sees one: the rename is atomic on POSIX filesystems.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_open", "atomic_write_json"]
+__all__ = ["atomic_open", "atomic_write_json", "file_sha256"]
 
 
 @contextmanager
@@ -40,3 +41,12 @@ def atomic_write_json(path: str | os.PathLike, obj, indent: int = 1) -> None:
     with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=indent)
         f.write("\n")
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes (streamed; checkpoints can be GBs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

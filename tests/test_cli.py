@@ -85,6 +85,8 @@ def test_sample_image_folder_and_grid(tmp_path):
     assert main([*sde, "--out", str(tmp_path / "s2"), "--batch-size", "2"]) == 0
     manifest = json.loads((tmp_path / "s1" / "manifest.json").read_text())
     assert (manifest["method"], manifest["diffusion"], manifest["diffusion_norm"]) == ("euler_maruyama", "linear", 1.0)
+    # another diffusion is other samples: the folder is refused, not silently extended
+    assert main([*sde[:-2], "sigma", "--no-progress", "--out", str(tmp_path / "s1")]) == 2
     for i in range(5):
         a = np.asarray(Image.open(tmp_path / "s1" / f"{i:06d}.png"))
         b = np.asarray(Image.open(tmp_path / "s2" / f"{i:06d}.png"))

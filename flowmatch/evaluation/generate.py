@@ -19,7 +19,6 @@ folder, writes the manifest and broadcasts its decision (or its refusal, so no r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from flowmatch import distributed
-from flowmatch.atomic import atomic_write_json
+from flowmatch.atomic import atomic_write_json, file_sha256
 
 __all__ = ["MANIFEST", "sample_to_folder"]
 
@@ -45,16 +44,7 @@ _OUR_TEMP = re.compile(r"^\.(\d{6}\.\d+\.tmp\.png|manifest\.json\..+\.tmp)$")
 _COMPARED = ("format", "checkpoint_sha256", "seed", "method", "steps", "grid", "grid_shift",
              "label", "use_ema", "data_shape")
 # Compared only when both manifests hold them (added later; older folders stay reusable).
-_COMPARED_IF_PRESENT = ("num_classes", "cfg_scale", "cfg_interval")
-
-
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes (streamed; checkpoints can be GBs)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+_COMPARED_IF_PRESENT = ("num_classes", "cfg_scale", "cfg_interval", "diffusion", "diffusion_norm")
 
 
 def _prepare_folder(out: Path, manifest: dict) -> None:
@@ -207,7 +197,7 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     if info.is_main:
         try:
             manifest = {
-                "format": MANIFEST_FORMAT, "checkpoint": str(file), "checkpoint_sha256": _sha256(file),
+                "format": MANIFEST_FORMAT, "checkpoint": str(file), "checkpoint_sha256": file_sha256(file),
                 "n": n, "seed": seed, "method": method, "steps": steps, "grid": grid,
                 "grid_shift": grid_shift, "label": label, "use_ema": use_ema,
                 "data_shape": list(data_shape), "num_classes": num_classes,

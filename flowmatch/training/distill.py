@@ -18,7 +18,6 @@ evaluations, seconds for the pairs, seconds and steps of training) are written t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from flowmatch import distributed
-from flowmatch.atomic import atomic_write_json
+from flowmatch.atomic import atomic_write_json, file_sha256
 from flowmatch.config import Config, config_from_dict, config_to_dict
 from flowmatch.data.pairs import PAIRS_FORMAT, create_pair_arrays, open_pair_arrays
 from flowmatch.paths import build_path
@@ -36,14 +35,6 @@ from flowmatch.solvers import ADAPTIVE_METHODS, solve_ode
 from flowmatch.time_samplers import time_grid
 
 __all__ = ["make_pairs", "student_config", "run_reflow", "run_distill"]
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -84,7 +75,7 @@ def make_pairs(teacher: str | Path, out: str | Path, *, n: int, times: torch.Ten
     settings = {
         "format": PAIRS_FORMAT, "n": n, "data_shape": list(shape), "num_classes": num_classes,
         "times": [float(t) for t in times], "latent": state.get("latent"),
-        "teacher": str(file), "teacher_sha256": _file_sha256(file) if info.is_main else None,
+        "teacher": str(file), "teacher_sha256": file_sha256(file) if info.is_main else None,
         "teacher_step": int(state["step"]), "use_ema": use_ema, "method": method,
         "steps_per_segment": None if method in ADAPTIVE_METHODS else steps_per_segment,
         "atol": atol if method in ADAPTIVE_METHODS else None,
