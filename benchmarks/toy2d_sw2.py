@@ -14,6 +14,7 @@ import torch
 
 from flowmatch.data.toy2d import sample_toy2d
 from flowmatch.evaluation import sliced_wasserstein
+from flowmatch.paths import build_path
 from flowmatch.sampling import FIXED_STEP_NFE, generate, seeded_noise
 from flowmatch.training import model_from_checkpoint
 
@@ -31,12 +32,13 @@ def main() -> None:
     if cfg.data.kind != "toy2d":
         raise SystemExit(f"error: {args.run} is not a toy2d run (data.kind={cfg.data.kind})")
     name = cfg.data.params["name"]
+    path = build_path(cfg.path.scheduler, **cfg.path.params)  # dpm2m and the SDE sampler need it
     model_sw, floor_sw = [], []
     for s in range(args.seeds):
         g = torch.Generator().manual_seed(10_000 + s)
         target, other = sample_toy2d(name, args.n, g), sample_toy2d(name, args.n, g)
         x0 = seeded_noise(range(args.n), (2,), seed=10_000 + s)
-        x = generate(model, x0, method=args.method, steps=args.steps).x
+        x = generate(model, x0, method=args.method, steps=args.steps, path=path).x
         model_sw.append(sliced_wasserstein(x, target))
         floor_sw.append(sliced_wasserstein(other, target))
     nfe = args.steps * FIXED_STEP_NFE.get(args.method, 0) or "adaptive"

@@ -39,7 +39,7 @@ from flowmatch.data import build_dataset
 from flowmatch.imageio import save_image_grid, save_line_plot, save_scatter
 from flowmatch.models import build_model, count_parameters
 from flowmatch.paths import build_path
-from flowmatch.sampling import generate, sample_seed, seeded_noise
+from flowmatch.sampling import generate_with_settings, resolve_settings, sample_seed, seeded_noise
 from flowmatch.time_samplers import build_time_sampler
 from flowmatch.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from flowmatch.training.ema import EMA, ema_decay_from_halflife
@@ -493,7 +493,7 @@ class Trainer:
         """
         B, r = self.cfg.train.batch_size, self.dist.rank
         rows = slice(r * B, (r + 1) * B)
-        x0_noise, t, _, drop, _ = self._step_draws(k)
+        _, t, _, drop, _ = self._step_draws(k)  # the noise draw is unused: the store holds x0
         x0, traj, y = self.dataset.batch(self.stream.local_indices(k))
         x0, traj = x0.to(self.device), traj.to(self.device)
         drop = drop[rows]
@@ -556,10 +556,12 @@ class Trainer:
         if self.cfg.model.class_cond:
             y = torch.arange(n, device=self.device) % self.num_classes
         model = self.ema.model if sc.use_ema else self.model
-        out = generate(model, x0, y=y, method=sc.method, steps=sc.steps, grid=sc.grid,
-                       grid_shift=sc.grid_shift, atol=sc.atol, rtol=sc.rtol).x.cpu()
+        settings = resolve_settings(sc)  # the config's sample section, every method (ODE, dpm2m, SDE)
+        out = generate_with_settings(model, x0, settings, path=self.path, y=y, indices=range(n),
+                                     seed=self.cfg.seed * 1000 + _STREAM_GRID, atol=sc.atol,
+                                     rtol=sc.rtol).x.cpu()
         path = path or self.run_dir / "samples" / f"step_{self.step:07d}.png"
-        if getattr(self.dataset, "kind", "") == "latent":
+        if latent_info(self.dataset) is not None:  # a latent store, or a latent teacher's pairs
             decoded = self._decode_latents(out)
             if decoded is None:  # no VAE here: keep the latents themselves
                 path = path.with_suffix(".pt")
@@ -586,7 +588,7 @@ class Trainer:
             try:
                 self._autoencoder = load_autoencoder_for(latent_info(self.dataset), device=self.device)
             except (ImportError, OSError, RuntimeError, ValueError) as e:
-                distributed.print0(f"warning: cannot load the VAE {self.dataset.vae_source!r} to "
+                distributed.print0(f"warning: cannot load the VAE {latent_info(self.dataset)['vae']!r} to "
                                    f"decode sample grids ({e}); saving latents instead")
                 self._autoencoder = False
         if self._autoencoder is False:

@@ -206,3 +206,15 @@ def test_ema_update_and_halflife():
     assert torch.equal(ema.model.weight, model.weight)
     d = ema_decay_from_halflife(1000, 100)
     assert d ** 10 == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("method", ["dpm2m", "euler_maruyama"])
+def test_sample_grids_with_path_aware_samplers(tmp_path, method):
+    # the run's own grids go through the same settings as `flowmatch sample`: the path-aware
+    # solver and the SDE sampler need the run's path (they used to fail at the first grid)
+    cfg = toy_cfg(tmp_path, steps=4, sample_every=2)
+    cfg.sample.method, cfg.sample.grid = method, "edm"
+    res = Trainer(cfg, progress=False).fit()
+    assert res.status == "finished"
+    assert (tmp_path / "run" / "samples" / "step_0000002.png").is_file()
+    assert (tmp_path / "run" / "samples.png").is_file()
