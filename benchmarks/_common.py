@@ -14,6 +14,7 @@ noise x0 ~ N(0, I), t = 1 the data.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import contextlib
 import importlib.metadata
 import io
@@ -374,6 +375,9 @@ def evaluate(variant: Variant, trained: Trained, x0: torch.Tensor, nfes: Iterabl
             (x, counted), seconds = timed(variant.sample, trained, x0.clone(), method, steps, tol)
             cell["sample_seconds"] = seconds
             cell.update(nfe=int(counted), **score(x.detach().float()))
+            # the exact bytes of the sample set: two runs (or two versions of the code) that agree
+            # here drew bit-identical samples
+            cell["sample_sha256"] = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
         except Exception as error:  # noqa: BLE001 -- a solver that fails is one empty cell, not a lost run
             cell["error"] = error_reason(error)
             log(f"  {variant.name} {method} NFE {nfe}: failed ({cell['error']})")
