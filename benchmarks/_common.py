@@ -14,8 +14,8 @@ noise x0 ~ N(0, I), t = 1 the data.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import contextlib
+import hashlib
 import importlib.metadata
 import io
 import json
