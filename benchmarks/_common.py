@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowmatch import solvers
-from flowmatch.paths import AffinePath, build_path
-from flowmatch.sampling import FIXED_STEP_NFE, generate, sample_seed
-from flowmatch.time_samplers import build_time_sampler
+from flowmatch.flow import solvers
+from flowmatch.flow.paths import AffinePath, build_path
+from flowmatch.flow.sampling import FIXED_STEP_NFE, generate, sample_seed
+from flowmatch.flow.time_samplers import build_time_sampler
 from flowmatch.training import (
     EMA,
     BatchStream,
@@ -47,7 +47,7 @@ from flowmatch.training import (
 #: The adaptive solver every protocol adds to its fixed-step ones (at atol = rtol = its tolerance).
 ADAPTIVE = "dopri5"
 #: Network evaluations per step of the fixed-step solvers we use; one missing from
-#: flowmatch.sampling.FIXED_STEP_NFE is taken as a 1-NFE multistep method.
+#: flowmatch.flow.sampling.FIXED_STEP_NFE is taken as a 1-NFE multistep method.
 OWN_NFE_PER_STEP = {"dpm2m": 1}
 PEER_SOLVERS = ("euler", "midpoint")
 
@@ -361,7 +361,7 @@ def evaluate(variant: Variant, trained: Trained, x0: torch.Tensor, nfes: Iterabl
     plan = []
     for method in variant.solvers:
         if split_solver(method)[0] not in solvers.SOLVER_NAMES:
-            log(f"  {variant.name}: solver {method!r} is not in flowmatch.solvers.SOLVER_NAMES; skipped")
+            log(f"  {variant.name}: solver {method!r} is not in flowmatch.flow.solvers.SOLVER_NAMES; skipped")
             continue
         per = nfe_per_step(method)
         plan += [(method, nfe, nfe // per) for nfe in nfes

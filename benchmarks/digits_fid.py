@@ -18,7 +18,11 @@ from pathlib import Path
 import torch
 
 from flowmatch.data.digits import Digits
-from flowmatch.evaluation import build_extractor, fid_from_folders, train_digit_classifier
+from flowmatch.evaluation import (
+    build_extractor,
+    fid_from_folders,
+    train_digit_classifier,
+)
 from flowmatch.imageio import save_images
 
 

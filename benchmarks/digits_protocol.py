@@ -25,8 +25,8 @@ Time convention everywhere: t = 0 is the noise x0 ~ N(0, I), t = 1 the data.
 3. Sampling: the same n noise images (``seeded_noise``, seed ``--eval-seed``) for every model and
    solver, integrated from t = 0 to 1 with euler (NFE steps) and midpoint (NFE/2 steps) at NFE 8
    and 32, for ours also ``ab2`` and ``dpm2m`` (1 NFE per step; dpm2m only where
-   ``flowmatch.solvers`` has it), plus dopri5 at atol = rtol = 1e-4 (its counted NFE is reported).
-   Each method samples with its own library: ours with ``flowmatch.sampling.generate``,
+   ``flowmatch.flow.solvers`` has it), plus dopri5 at atol = rtol = 1e-4 (its counted NFE is reported).
+   Each method samples with its own library: ours with ``flowmatch.flow.sampling.generate``,
    flow_matching with its ``ODESolver``, torchcfm (no solver of its own without torchdyn) with
    ``torchdiffeq.odeint`` on a uniform grid. NFE is counted around the network in every case.
 4. FID in the 64-d feature space of the small digit classifier (``train_digit_classifier``, 600
@@ -83,9 +83,9 @@ from flowmatch.evaluation.fid import (
     precision_recall,
     train_digit_classifier,
 )
+from flowmatch.flow.paths import build_path
+from flowmatch.flow.sampling import generate, seeded_noise
 from flowmatch.models import count_parameters
-from flowmatch.paths import build_path
-from flowmatch.sampling import generate, seeded_noise
 from flowmatch.training import model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

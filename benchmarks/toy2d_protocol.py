@@ -20,9 +20,9 @@ Time convention everywhere: t = 0 is the noise x0 ~ N(0, I), t = 1 the data.
    weights are not used).
 2. Evaluation, per trained model: the same 2000 noise points (``seeded_noise``, seed 1000) are
    integrated from t = 0 to 1 with euler (NFE steps), midpoint (NFE/2 steps, even NFE), and for
-   ours also ``ab2`` and ``dpm2m`` (1 NFE per step; dpm2m only once ``flowmatch.solvers`` has it),
+   ours also ``ab2`` and ``dpm2m`` (1 NFE per step; dpm2m only once ``flowmatch.flow.solvers`` has it),
    for NFE in {1, 2, 4, 8, 16, 32, 100}, plus dopri5 at atol = rtol = 1e-5 (its counted NFE is
-   reported). Each method samples with its own library: ours with ``flowmatch.sampling.generate``,
+   reported). Each method samples with its own library: ours with ``flowmatch.flow.sampling.generate``,
    flow_matching with its ``ODESolver``, torchcfm (no solver of its own without torchdyn) with
    ``torchdiffeq.odeint`` on a uniform grid. NFE is counted around the network in every case.
 3. Metrics against 2000 fresh target points (``sample_toy2d``, seed 1000, not the training set):
@@ -65,8 +65,8 @@ from flowmatch.config import ConfigError, load_config
 from flowmatch.data import build_dataset
 from flowmatch.data.toy2d import TOY2D_NAMES, sample_toy2d
 from flowmatch.evaluation import sliced_wasserstein
-from flowmatch.paths import build_path
-from flowmatch.sampling import generate, seeded_noise
+from flowmatch.flow.paths import build_path
+from flowmatch.flow.sampling import generate, seeded_noise
 from flowmatch.training import model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import torch
 
 from flowmatch.data.toy2d import sample_toy2d
 from flowmatch.evaluation import sliced_wasserstein
-from flowmatch.paths import build_path
-from flowmatch.sampling import FIXED_STEP_NFE, generate, seeded_noise
+from flowmatch.flow.paths import build_path
+from flowmatch.flow.sampling import FIXED_STEP_NFE, generate, seeded_noise
 from flowmatch.training import model_from_checkpoint
 
 

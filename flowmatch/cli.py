@@ -326,9 +326,13 @@ def _cmd_sample(args) -> int:
 
     from flowmatch import distributed
     from flowmatch.config import ConfigError
+    from flowmatch.flow.paths import build_path
+    from flowmatch.flow.sampling import (
+        generate_with_settings,
+        resolve_settings,
+        seeded_noise,
+    )
     from flowmatch.imageio import save_image_grid, save_scatter
-    from flowmatch.paths import build_path
-    from flowmatch.sampling import generate_with_settings, resolve_settings, seeded_noise
     from flowmatch.training import model_from_checkpoint
 
     if args.n < 1:
@@ -363,7 +367,7 @@ def _cmd_sample(args) -> int:
     method, steps = s.method, s.steps
     path = build_path(cfg.path.scheduler, **cfg.path.params)
     if args.cfg_scale != 1.0:
-        from flowmatch.guidance import ClassifierFreeGuidance
+        from flowmatch.flow.guidance import ClassifierFreeGuidance
 
         model = ClassifierFreeGuidance(model, args.cfg_scale, tuple(args.cfg_interval))
 
@@ -507,9 +511,9 @@ def _eval_nll(args, device) -> int:
 
     from flowmatch import distributed
     from flowmatch.atomic import atomic_write_json
+    from flowmatch.checkpoint import find_checkpoint
     from flowmatch.config import ConfigError
     from flowmatch.evaluation.likelihood import evaluate_nll
-    from flowmatch.training.checkpoint import find_checkpoint
 
     data_params = {"split": args.split} if args.split is not None else {}
     for item in args.data:

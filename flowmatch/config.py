@@ -9,9 +9,9 @@ keyword arguments *flat* next to the name::
 
     model: {arch: unet, base_channels: 64}          # -> flowmatch.models.MODEL_REGISTRY
     data:  {kind: digits, image_size: 16}            # -> flowmatch.data.DATASET_KINDS
-    path:  {scheduler: linear, sigma_min: 0.0}       # -> flowmatch.paths.SCHEDULERS
+    path:  {scheduler: linear, sigma_min: 0.0}       # -> flowmatch.flow.paths.SCHEDULERS
     train: {time_sampler: {name: logit_normal, mean: 0.0, std: 1.0, shift: 1.0},
-            coupling: {name: sinkhorn, reg: 0.05, iters: 100}}    # -> flowmatch.coupling.COUPLINGS
+            coupling: {name: sinkhorn, reg: 0.05, iters: 100}}    # -> flowmatch.flow.coupling.COUPLINGS
 
 Those extra keys are validated against the chosen implementation's signature (or its config
 dataclass), so ``model.base_chanels=32`` fails naming ``model.base_chanels``. The resolved config
@@ -111,7 +111,7 @@ class CouplingConfig:
 
     none: independent pairs. exact: the optimal permutation (scipy, CPU). sinkhorn: entropic OT on
     the training device (reg: relative to the mean pair cost; iters: the most iterations) rounded to
-    a permutation. Class-conditional models are coupled within each class. See flowmatch.coupling.
+    a permutation. Class-conditional models are coupled within each class. See flowmatch.flow.coupling.
     """
 
     name: str = "none"  # none | exact | sinkhorn
@@ -155,12 +155,12 @@ class SampleConfig:
     """How samples are drawn (during training and by `flowmatch sample` unless overridden)."""
 
     # ODE: euler | midpoint | heun | rk4 | ab2 | dpm2m | dopri5 | bosh3 | ... ; SDE: euler_maruyama
-    # (flowmatch.sampling.METHODS)
+    # (flowmatch.flow.sampling.METHODS)
     method: str = "heun"
     steps: int = 25  # solver steps (NFE = steps x evaluations per step)
     grid: str = "uniform"  # uniform | shifted | edm
     grid_shift: float = 1.0
-    diffusion: str = "sigma"  # euler_maruyama only: w(t), see flowmatch.sde.DIFFUSIONS
+    diffusion: str = "sigma"  # euler_maruyama only: w(t), see flowmatch.flow.sde.DIFFUSIONS
     diffusion_norm: float = 1.0  # euler_maruyama only: scale of w(t)
     n: int = 64  # samples in a grid
     use_ema: bool = True
@@ -203,15 +203,15 @@ def _registry(section: str) -> dict[str, Any]:
 
         return dict(DATASET_KINDS)
     if section == "path":
-        from flowmatch.paths import SCHEDULERS
+        from flowmatch.flow.paths import SCHEDULERS
 
         return dict(SCHEDULERS)
     if section == "train.time_sampler":
-        from flowmatch.time_samplers import TIME_SAMPLERS
+        from flowmatch.flow.time_samplers import TIME_SAMPLERS
 
         return dict(TIME_SAMPLERS)
     if section == "train.coupling":
-        from flowmatch.coupling import COUPLINGS
+        from flowmatch.flow.coupling import COUPLINGS
 
         return dict(COUPLINGS)
     raise KeyError(section)
@@ -412,9 +412,9 @@ def _validate(cfg: Config) -> None:
     for k in ("log_every", "sample_every", "save_every", "keep_every", "num_workers", "ema_start_step"):
         need(getattr(t, k) >= 0, f"train.{k}", "must be >= 0")
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
-    from flowmatch.sampling import METHODS
-    from flowmatch.sde import DIFFUSIONS
-    from flowmatch.time_samplers import GRIDS
+    from flowmatch.flow.sampling import METHODS
+    from flowmatch.flow.sde import DIFFUSIONS
+    from flowmatch.flow.time_samplers import GRIDS
 
     need(s.method in METHODS, "sample.method", f"unknown solver {s.method!r} (valid: {', '.join(METHODS)})")
     need(s.diffusion in DIFFUSIONS, "sample.diffusion",
@@ -447,8 +447,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model: {e}") from None
     need(len(cfg.data.shape) in (0, 1, 3) and all(d >= 1 for d in cfg.data.shape), "data.shape",
          "must be [] (taken from the data), [D] for vectors or [C, H, W] for images")
-    from flowmatch.paths import build_path
-    from flowmatch.time_samplers import build_time_sampler
+    from flowmatch.flow.paths import build_path
+    from flowmatch.flow.time_samplers import build_time_sampler
 
     try:
         build_path(cfg.path.scheduler, **cfg.path.params)
@@ -465,7 +465,7 @@ def _validate(cfg: Config) -> None:
         need(cp["iters"] >= 1, "train.coupling.iters", "must be >= 1")
     if "tol" in cp:
         need(cp["tol"] > 0, "train.coupling.tol", "must be > 0")
-    from flowmatch.coupling import build_coupling
+    from flowmatch.flow.coupling import build_coupling
 
     try:
         build_coupling(t.coupling.name, **cp)

@@ -4,8 +4,9 @@ import subprocess
 import sys
 
 MODULES = [
-    "flowmatch", "flowmatch.cli", "flowmatch.config", "flowmatch.paths", "flowmatch.solvers",
-    "flowmatch.time_samplers", "flowmatch.sampling", "flowmatch.distributed", "flowmatch.imageio",
+    "flowmatch", "flowmatch.cli", "flowmatch.config", "flowmatch.flow.paths", "flowmatch.flow.solvers",
+    "flowmatch.flow.time_samplers", "flowmatch.flow.sampling", "flowmatch.flow.coupling",
+    "flowmatch.flow.sde", "flowmatch.flow.guidance", "flowmatch.checkpoint", "flowmatch.distributed", "flowmatch.imageio",
     "flowmatch.models", "flowmatch.data", "flowmatch.training", "flowmatch.autoencoder",
     "flowmatch.evaluation", "flowmatch.training.vae", "flowmatch.data.latents",
 ]

@@ -298,7 +298,9 @@ def inception_extractor(weights: str | None = None, device: str | torch.device =
     the packages resize to 299 themselves.
     """
     try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import (
+            FeatureExtractorInceptionV3,
+        )
         backend = "torch-fidelity"
     except ImportError:
         try:

@@ -156,8 +156,8 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     while the job runs). Joins the process group under torchrun (``distributed.init``) and leaves it
     joined: the caller calls ``distributed.cleanup()``.
     """
-    from flowmatch.paths import build_path
-    from flowmatch.sampling import (
+    from flowmatch.flow.paths import build_path
+    from flowmatch.flow.sampling import (
         SDE_METHODS,
         generate_with_settings,
         resolve_settings,
@@ -174,7 +174,7 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     file = find_checkpoint(checkpoint)
     model, cfg, state = model_from_checkpoint(file, use_ema=use_ema, device=dev)
     if cfg_scale != 1.0:
-        from flowmatch.guidance import ClassifierFreeGuidance
+        from flowmatch.flow.guidance import ClassifierFreeGuidance
 
         model = ClassifierFreeGuidance(model, cfg_scale, tuple(cfg_interval))
     data_shape = tuple(int(s) for s in state["data_shape"])  # the model's (latent shape if latent)

@@ -53,8 +53,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from flowmatch.paths import AffinePath
-from flowmatch.solvers import ADAPTIVE_METHODS, solve_ode
+from flowmatch.flow.paths import AffinePath
+from flowmatch.flow.solvers import ADAPTIVE_METHODS, solve_ode
 
 __all__ = [
     "DIVERGENCES",
@@ -252,7 +252,7 @@ def log_likelihood(
     ``probes`` ``(K, B, ...)`` if given, else ``n_probes`` of kind ``probe`` drawn from
     ``generator`` with :func:`draw_probes`; the same probes serve the whole trajectory.
 
-    method / steps / atol / rtol: as :func:`flowmatch.solvers.solve_ode`, integrating backwards
+    method / steps / atol / rtol: as :func:`flowmatch.flow.solvers.solve_ode`, integrating backwards
     from ``t = 1`` to ``t = 0`` (``steps`` for fixed-step methods; adaptive ones use atol / rtol on
     the augmented state ``[x, delta]``).
 
@@ -363,7 +363,7 @@ def _per_sample_draws(indices: list[int], seed: int, shape: tuple[int, ...], deq
                       n_probes: int, probe: str) -> tuple[Tensor | None, Tensor | None]:
     """Dequantisation noise ``(B, ...)`` and probes ``(K, B, ...)`` (float64, CPU), item ``i``'s drawn
     from the seed ``sample_seed(seed, i)``: the numbers do not depend on the batch size."""
-    from flowmatch.sampling import sample_seed
+    from flowmatch.flow.sampling import sample_seed
 
     noise, probes = [], []
     g = torch.Generator()
@@ -440,11 +440,11 @@ def evaluate_nll(
     """
     import time
 
+    from flowmatch.checkpoint import find_checkpoint
     from flowmatch.config import ConfigError
     from flowmatch.data import build_dataset
-    from flowmatch.paths import build_path
+    from flowmatch.flow.paths import build_path
     from flowmatch.training import model_from_checkpoint
-    from flowmatch.training.checkpoint import find_checkpoint
 
     if n < 1:
         raise ConfigError("--n: must be >= 1")

@@ -1,6 +1,11 @@
 """Training: the loop, EMA, learning-rate schedules and atomic, resumable checkpoints."""
 
-from flowmatch.training.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from flowmatch.checkpoint import (
+    CheckpointError,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from flowmatch.training.ema import EMA, ema_decay_from_halflife
 from flowmatch.training.lr import lr_at
 from flowmatch.training.trainer import (

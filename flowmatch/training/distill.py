@@ -29,10 +29,10 @@ from flowmatch import distributed
 from flowmatch.atomic import atomic_write_json, file_sha256
 from flowmatch.config import Config, config_from_dict, config_to_dict
 from flowmatch.data.pairs import PAIRS_FORMAT, create_pair_arrays, open_pair_arrays
-from flowmatch.paths import build_path
-from flowmatch.sampling import seeded_noise
-from flowmatch.solvers import ADAPTIVE_METHODS, solve_ode
-from flowmatch.time_samplers import time_grid
+from flowmatch.flow.paths import build_path
+from flowmatch.flow.sampling import seeded_noise
+from flowmatch.flow.solvers import ADAPTIVE_METHODS, solve_ode
+from flowmatch.flow.time_samplers import time_grid
 
 __all__ = ["make_pairs", "student_config", "run_reflow", "run_distill"]
 
@@ -51,7 +51,7 @@ def make_pairs(teacher: str | Path, out: str | Path, *, n: int, times: torch.Ten
     output times. Under torchrun the ranks split the trajectories. An existing complete store made
     with the same settings is reused. Returns the store's meta (with ``nfe_per_pair``, ``seconds``).
     """
-    from flowmatch.training.checkpoint import find_checkpoint
+    from flowmatch.checkpoint import find_checkpoint
     from flowmatch.training.trainer import model_from_checkpoint
 
     if n < 1:
@@ -68,7 +68,7 @@ def make_pairs(teacher: str | Path, out: str | Path, *, n: int, times: torch.Ten
     model, cfg, state = model_from_checkpoint(file, use_ema=use_ema, device=dev)
     num_classes = int(state["num_classes"])
     if cfg_scale != 1.0:
-        from flowmatch.guidance import ClassifierFreeGuidance
+        from flowmatch.flow.guidance import ClassifierFreeGuidance
 
         model = ClassifierFreeGuidance(model, cfg_scale)
     shape = tuple(int(s) for s in state["data_shape"])
@@ -240,7 +240,7 @@ def run_distill(teacher: str | Path, out_dir: str | Path, *, nfe: int, n: int, t
 
 def _run(kind, teacher, out_dir, *, n, train_steps, method, steps_per_segment, times, grid, grid_shift,
          overrides, seed, batch_size, cfg_scale, device, progress) -> dict:
-    from flowmatch.training.checkpoint import find_checkpoint, load_checkpoint
+    from flowmatch.checkpoint import find_checkpoint, load_checkpoint
 
     if train_steps < 1:
         raise ValueError("train_steps: must be >= 1")

@@ -11,7 +11,7 @@ seeded by ``(seed, s, micro-step)``. The random draws cover the *global* batch a
 takes its slice, so a run resumed at step k continues exactly as if it had never stopped, and the
 batch a step sees does not depend on how many processes share it.
 
-With ``train.coupling`` (minibatch OT, :mod:`flowmatch.coupling`) the pairing of noise and data is
+With ``train.coupling`` (minibatch OT, :mod:`flowmatch.flow.coupling`) the pairing of noise and data is
 part of that pure function: every process computes the same permutation of the *global* batch's
 noise rows, then takes its slice. For in-memory data the coupling of micro-step ``k + 1`` is
 computed in a background thread while step ``k`` trains (same function of ``k``, own generators).
@@ -33,15 +33,26 @@ import torch
 from torch import nn
 
 from flowmatch import distributed
-from flowmatch.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config
-from flowmatch.coupling import build_coupling
+from flowmatch.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from flowmatch.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+)
 from flowmatch.data import build_dataset
+from flowmatch.flow.coupling import build_coupling
+from flowmatch.flow.paths import build_path
+from flowmatch.flow.sampling import (
+    generate_with_settings,
+    resolve_settings,
+    sample_seed,
+    seeded_noise,
+)
+from flowmatch.flow.time_samplers import build_time_sampler
 from flowmatch.imageio import save_image_grid, save_line_plot, save_scatter
 from flowmatch.models import build_model, count_parameters
-from flowmatch.paths import build_path
-from flowmatch.sampling import generate_with_settings, resolve_settings, sample_seed, seeded_noise
-from flowmatch.time_samplers import build_time_sampler
-from flowmatch.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from flowmatch.training.ema import EMA, ema_decay_from_halflife
 from flowmatch.training.lr import lr_at
 
@@ -288,7 +299,7 @@ class Trainer:
 
     def _init_from(self, source: str) -> None:
         """Start from another run's EMA weights (reflow / distillation students, fine-tuning)."""
-        from flowmatch.training.checkpoint import find_checkpoint
+        from flowmatch.checkpoint import find_checkpoint
 
         file = find_checkpoint(source)
         state = load_checkpoint(file, map_location=self.device)
@@ -724,7 +735,7 @@ def model_from_checkpoint(path: str | Path, *, use_ema: bool = True,
     Returns (model in eval mode on ``device``, its resolved :class:`Config`, the raw state dict).
     ``use_ema`` picks the EMA weights (what samples should use) over the raw training weights.
     """
-    from flowmatch.training.checkpoint import find_checkpoint
+    from flowmatch.checkpoint import find_checkpoint
 
     file = find_checkpoint(path)
     state = load_checkpoint(file, map_location="cpu")

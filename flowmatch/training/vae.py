@@ -38,15 +38,15 @@ import yaml
 from torch import nn
 
 from flowmatch.autoencoder import Autoencoder, load_vae
-from flowmatch.config import ConfigError
-from flowmatch.data.imagefolder import ImageFolder
-from flowmatch.imageio import save_image_grid
-from flowmatch.sampling import sample_seed
-from flowmatch.training.checkpoint import (
+from flowmatch.checkpoint import (
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
 )
+from flowmatch.config import ConfigError
+from flowmatch.data.imagefolder import ImageFolder
+from flowmatch.flow.sampling import sample_seed
+from flowmatch.imageio import save_image_grid
 from flowmatch.training.ema import EMA
 from flowmatch.training.trainer import BatchStream, NonFiniteLossError
 

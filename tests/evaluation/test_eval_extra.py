@@ -12,7 +12,11 @@ import pytest
 import torch
 
 from flowmatch.cli import main
-from flowmatch.evaluation import classifier_accuracy, load_digit_classifier, train_digit_classifier
+from flowmatch.evaluation import (
+    classifier_accuracy,
+    load_digit_classifier,
+    train_digit_classifier,
+)
 from flowmatch.evaluation.generate import _prepare_folder
 from flowmatch.imageio import save_images
 

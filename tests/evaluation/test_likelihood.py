@@ -18,7 +18,7 @@ from flowmatch.evaluation.likelihood import (
     log_likelihood,
     prior_std,
 )
-from flowmatch.paths import (
+from flowmatch.flow.paths import (
     build_path,
     gaussian_marginal_logpdf,
     gaussian_marginal_velocity,

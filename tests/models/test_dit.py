@@ -13,7 +13,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flowmatch.models import DIT_PRESETS, MODEL_REGISTRY, DiT, DiTConfig, build_model, count_parameters
+from flowmatch.models import (
+    DIT_PRESETS,
+    MODEL_REGISTRY,
+    DiT,
+    DiTConfig,
+    build_model,
+    count_parameters,
+)
 from flowmatch.models.dit import PatchEmbed, modulate
 from flowmatch.models.layers import (
     Attention,

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from flowmatch.models import (
-    MODEL_REGISTRY,
     MLP,
+    MODEL_REGISTRY,
     MLPConfig,
     UNet,
     UNetConfig,
@@ -25,7 +25,6 @@ from flowmatch.models.layers import (
     check_data_shape,
     timestep_embedding,
 )
-
 
 #################################################################################
 #                               timestep_embedding                              #

@@ -9,9 +9,9 @@ import torch
 from flowmatch.cli import main
 from flowmatch.config import config_from_dict
 from flowmatch.data import PairStore, build_dataset
-from flowmatch.sampling import generate, seeded_noise
-from flowmatch.solvers import solve_ode
-from flowmatch.time_samplers import time_grid
+from flowmatch.flow.sampling import generate, seeded_noise
+from flowmatch.flow.solvers import solve_ode
+from flowmatch.flow.time_samplers import time_grid
 from flowmatch.training import Trainer, model_from_checkpoint
 from flowmatch.training.distill import make_pairs, run_distill, run_reflow
 
@@ -152,7 +152,7 @@ def test_class_conditional_pairs_cycle_labels_and_train(tmp_path):
     torch.testing.assert_close(x0_plain, x0_guided)
     assert (traj_plain - traj).abs().max() > 1e-3
     # and it is the documented guided flow, solved the same way
-    from flowmatch.guidance import ClassifierFreeGuidance
+    from flowmatch.flow.guidance import ClassifierFreeGuidance
 
     guided = ClassifierFreeGuidance(model_from_checkpoint(tmp_path / "teacher")[0], 2.0)
     with torch.no_grad():

@@ -1,18 +1,17 @@
 """Trainer: outputs, exact resume after Ctrl-C, NaN stop, EMA, LR schedule, data order."""
 
 import json
-import os
 import signal
 
 import pytest
 import torch
-
-from flowmatch.sampling import generate, seeded_noise
+from train_fixtures import _InterruptAt, digits_cfg, toy_cfg, weights
 
 from flowmatch.config import config_from_dict
+from flowmatch.flow.sampling import generate, seeded_noise
 from flowmatch.training import (
-    BatchStream,
     EMA,
+    BatchStream,
     NonFiniteLossError,
     Trainer,
     ema_decay_from_halflife,
@@ -20,38 +19,6 @@ from flowmatch.training import (
     lr_at,
     model_from_checkpoint,
 )
-
-
-def toy_cfg(tmp_path, **train):
-    t = {"steps": 12, "batch_size": 32, "lr": 1e-3, "warmup_steps": 3, "log_every": 2,
-         "sample_every": 6, "save_every": 4}
-    t.update(train)
-    return config_from_dict({
-        "name": "toy", "seed": 3, "out_dir": str(tmp_path / "run"), "device": "cpu",
-        "data": {"kind": "toy2d", "name": "moons", "n": 500},
-        "model": {"arch": "mlp", "hidden": 32, "depth": 2},
-        "train": t,
-        "sample": {"method": "euler", "steps": 4, "n": 64},
-    })
-
-
-def digits_cfg(tmp_path, **train):
-    t = {"steps": 6, "batch_size": 8, "grad_accum": 2, "lr": 2e-3, "log_every": 1,
-         "sample_every": 0, "save_every": 2, "label_dropout": 0.2,
-         "time_sampler": {"name": "logit_normal", "mean": 0.0, "std": 1.0, "shift": 2.0}}
-    t.update(train)
-    return config_from_dict({
-        "name": "dig", "seed": 1, "out_dir": str(tmp_path / "run"), "device": "cpu",
-        "data": {"kind": "digits", "image_size": 8, "split": "train", "hflip": True},
-        "model": {"arch": "unet", "class_cond": True, "base_channels": 8, "channel_mults": [1, 2],
-                  "num_res_blocks": 1, "attn_levels": [1], "num_heads": 2, "dropout": 0.1},
-        "train": t,
-        "sample": {"method": "euler", "steps": 2, "n": 10},
-    })
-
-
-def weights(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def test_run_directory_outputs(tmp_path):
@@ -74,18 +41,6 @@ def test_run_directory_outputs(tmp_path):
     assert torch.equal(weights(ema_model), weights(trainer.ema.model))
     assert torch.equal(weights(raw_model), weights(trainer.model))
     assert not torch.equal(weights(ema_model), weights(raw_model))
-
-
-class _InterruptAt(Trainer):
-    """Sends this process a real SIGINT right after optimizer step ``at``."""
-
-    at = 0
-
-    def _train_step(self, loader):
-        out = super()._train_step(loader)
-        if self.step == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
 
 
 @pytest.mark.parametrize("make_cfg, at", [(toy_cfg, 5), (digits_cfg, 3)])

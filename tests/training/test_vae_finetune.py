@@ -12,8 +12,8 @@ from PIL import Image
 from torch import nn
 
 from flowmatch.autoencoder import Autoencoder, load_vae
+from flowmatch.checkpoint import CheckpointError, load_checkpoint
 from flowmatch.config import ConfigError, load_dataclass
-from flowmatch.training.checkpoint import CheckpointError, load_checkpoint
 from flowmatch.training.vae import (
     VAEFinetuneConfig,
     finetune_loss,

@@ -1,4 +1,4 @@
-"""Tests for flowmatch.solvers (t = 0 noise, t = 1 data): convergence order on ODEs with known
+"""Tests for flowmatch.flow.solvers (t = 0 noise, t = 1 data): convergence order on ODEs with known
 solutions, exact NFE, grids, backwards integration, torchdiffeq, and a Gaussian-to-Gaussian flow whose
 endpoint is known in closed form."""
 
@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from flowmatch.paths import build_path, gaussian_marginal_velocity
-from flowmatch.solvers import (
+from flowmatch.flow.paths import build_path, gaussian_marginal_velocity
+from flowmatch.flow.solvers import (
     ADAPTIVE_METHODS,
     FIXED_STEP_METHODS,
     SOLVER_NAMES,
     ODEResult,
     solve_ode,
 )
-from flowmatch.time_samplers import time_grid
+from flowmatch.flow.time_samplers import time_grid
 
 F64 = torch.float64
 ORDER = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}

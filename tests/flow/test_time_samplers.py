@@ -1,4 +1,4 @@
-"""Tests for flowmatch.time_samplers (t = 0 noise, t = 1 data): training-time samplers, the SD3 shift,
+"""Tests for flowmatch.flow.time_samplers (t = 0 noise, t = 1 data): training-time samplers, the SD3 shift,
 and sampling grids."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from flowmatch.time_samplers import (
+from flowmatch.flow.time_samplers import (
     GRIDS,
     TIME_SAMPLERS,
     LogitNormalTime,

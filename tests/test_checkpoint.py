@@ -5,7 +5,12 @@ import pickle
 import pytest
 import torch
 
-from flowmatch.training import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from flowmatch.training import (
+    CheckpointError,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def test_round_trip_and_no_temp_files_left(tmp_path):

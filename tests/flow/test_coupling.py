@@ -6,9 +6,11 @@ import threading
 
 import pytest
 import torch
+from train_fixtures import _InterruptAt, digits_cfg, toy_cfg, weights
 
 from flowmatch.config import ConfigError, config_from_dict
-from flowmatch.coupling import (
+from flowmatch.data.toy2d import sample_toy2d
+from flowmatch.flow.coupling import (
     ExactCoupling,
     NoCoupling,
     SinkhornCoupling,
@@ -19,10 +21,7 @@ from flowmatch.coupling import (
     sinkhorn_log_plan,
     squared_distances,
 )
-from flowmatch.data.toy2d import sample_toy2d
 from flowmatch.training import Trainer
-
-from test_trainer import _InterruptAt, digits_cfg, toy_cfg, weights
 
 
 def _gen(seed):

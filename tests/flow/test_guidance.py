@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from flowmatch.guidance import ClassifierFreeGuidance
+from flowmatch.flow.guidance import ClassifierFreeGuidance
+from flowmatch.flow.solvers import solve_ode
 from flowmatch.models import MLP, MLPConfig
-from flowmatch.solvers import solve_ode
 
 
 def conditional_mlp():

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from flowmatch.paths import build_path, gaussian_marginal_velocity
-from flowmatch.sampling import generate, resolve_settings, sde_noise, seeded_noise
-from flowmatch.sde import DIFFUSIONS, diffusion_coefficient, solve_sde
-from flowmatch.solvers import solve_ode
-from flowmatch.time_samplers import time_grid
+from flowmatch.flow.paths import build_path, gaussian_marginal_velocity
+from flowmatch.flow.sampling import generate, resolve_settings, sde_noise, seeded_noise
+from flowmatch.flow.sde import DIFFUSIONS, diffusion_coefficient, solve_sde
+from flowmatch.flow.solvers import solve_ode
+from flowmatch.flow.time_samplers import time_grid
 
 F64 = torch.float64
 MU = torch.tensor([1.5, -0.5], dtype=F64)

@@ -1,4 +1,4 @@
-"""Tests for flowmatch.paths (t = 0 noise, t = 1 data): endpoints, derivatives against finite
+"""Tests for flowmatch.flow.paths (t = 0 noise, t = 1 data): endpoints, derivatives against finite
 differences, prediction-type conversions, broadcasting over data shapes, and the Gaussian closed form."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from flowmatch.paths import (
+from flowmatch.flow.paths import (
     SCHEDULERS,
     AffinePath,
     CosineScheduler,

@@ -1,0 +1,14 @@
+"""The flow-matching math, independent of networks, data and training.
+
+* :mod:`~flowmatch.flow.paths` -- probability paths ``x_t = alpha_t x1 + sigma_t x0`` and schedulers
+* :mod:`~flowmatch.flow.time_samplers` -- training-time distributions and sampling time grids
+* :mod:`~flowmatch.flow.coupling` -- minibatch optimal-transport pairing of noise and data
+* :mod:`~flowmatch.flow.solvers` -- ODE solvers and their registry
+* :mod:`~flowmatch.flow.sde` -- the Euler-Maruyama sampler with the same marginals
+* :mod:`~flowmatch.flow.guidance` -- classifier-free guidance as a model wrapper
+* :mod:`~flowmatch.flow.sampling` -- seeded noise, sampling settings, ``generate``
+
+Time convention: ``t = 0`` is noise, ``t = 1`` is data.
+"""
+
+__all__ = ["coupling", "guidance", "paths", "sampling", "sde", "solvers", "time_samplers"]
