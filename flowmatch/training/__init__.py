@@ -6,6 +6,12 @@ from flowmatch.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from flowmatch.components import (
+    build_model_from_config,
+    latent_info,
+    load_autoencoder_for,
+)
+from flowmatch.run import model_from_checkpoint
 from flowmatch.training.ema import EMA, ema_decay_from_halflife
 from flowmatch.training.lr import lr_at
 from flowmatch.training.trainer import (
@@ -13,10 +19,6 @@ from flowmatch.training.trainer import (
     NonFiniteLossError,
     Trainer,
     TrainResult,
-    build_model_from_config,
-    latent_info,
-    load_autoencoder_for,
-    model_from_checkpoint,
 )
 
 __all__ = [

@@ -52,7 +52,7 @@ def make_pairs(teacher: str | Path, out: str | Path, *, n: int, times: torch.Ten
     with the same settings is reused. Returns the store's meta (with ``nfe_per_pair``, ``seconds``).
     """
     from flowmatch.checkpoint import find_checkpoint
-    from flowmatch.training.trainer import model_from_checkpoint
+    from flowmatch.run import model_from_checkpoint
 
     if n < 1:
         raise ValueError("n: must be >= 1")

@@ -34,6 +34,11 @@ from torch import nn
 
 from flowmatch import distributed
 from flowmatch.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from flowmatch.components import (
+    build_model_from_config,
+    latent_info,
+    load_autoencoder_for,
+)
 from flowmatch.config import (
     Config,
     ConfigError,
@@ -52,7 +57,7 @@ from flowmatch.flow.sampling import (
 )
 from flowmatch.flow.time_samplers import build_time_sampler
 from flowmatch.imageio import save_image_grid, save_line_plot, save_scatter
-from flowmatch.models import build_model, count_parameters
+from flowmatch.models import count_parameters
 from flowmatch.training.ema import EMA, ema_decay_from_halflife
 from flowmatch.training.lr import lr_at
 
@@ -61,10 +66,6 @@ __all__ = [
     "TrainResult",
     "NonFiniteLossError",
     "BatchStream",
-    "build_model_from_config",
-    "model_from_checkpoint",
-    "latent_info",
-    "load_autoencoder_for",
 ]
 
 # Distinct streams of randomness, so that e.g. the batch order never shares draws with the noise.
@@ -81,18 +82,6 @@ class TrainResult:
     status: str  # "finished" | "interrupted"
     run_dir: Path
     last_loss: float
-
-
-def build_model_from_config(cfg: Config, data_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """The network a config describes, for data of ``data_shape`` with ``num_classes`` labels."""
-    from flowmatch.models import MODEL_REGISTRY
-
-    if cfg.model.class_cond and num_classes < 1:
-        raise ConfigError("model.class_cond: the data set has no labels (num_classes is 0)")
-    cfg_cls, _ = MODEL_REGISTRY[cfg.model.arch]
-    arch_cfg = cfg_cls(**cfg.model.params)
-    return build_model(cfg.model.arch, arch_cfg, tuple(data_shape),
-                       num_classes if cfg.model.class_cond else 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,26 +165,6 @@ def _in_memory(dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
         if isinstance(x, torch.Tensor) and isinstance(getattr(dataset, "labels", None), torch.Tensor):
             return x, dataset.labels
     return None
-
-
-def latent_info(dataset) -> dict | None:
-    """What decoding a latent data set's samples needs: the VAE and the normalisation (or None)."""
-    if getattr(dataset, "kind", "") == "pairs":  # a teacher's pairs: the teacher's latent space
-        return dataset.latent
-    if getattr(dataset, "kind", "") != "latent":
-        return None
-    return {"vae": dataset.vae_source, "normalization": dataset.normalization.to_dict(),
-            "image_size": int(dataset.image_size)}
-
-
-def load_autoencoder_for(latent: dict, device: str | torch.device = "cpu", vae: str | None = None):
-    """The frozen VAE that decodes a latent model's samples, with the normalisation it was trained
-    with (recorded in the checkpoint — never a different one). ``vae`` overrides where the VAE is
-    loaded from (e.g. the folder moved), not how latents are scaled."""
-    from flowmatch.autoencoder import Autoencoder, LatentNormalization
-
-    norm = LatentNormalization.from_dict(latent["normalization"])
-    return Autoencoder.load(vae or latent["vae"], normalization=norm, device=device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -726,28 +695,3 @@ class Trainer:
             distributed.print0(f"interrupted at step {self.step}; checkpoint written to "
                                f"{self.ckpt_dir / 'latest.pt'}; run the same command to resume")
         return TrainResult(step=self.step, status=status, run_dir=self.run_dir, last_loss=loss)
-
-
-def model_from_checkpoint(path: str | Path, *, use_ema: bool = True,
-                          device: str | torch.device = "cpu") -> tuple[nn.Module, Config, dict]:
-    """Rebuild the network stored in a checkpoint file or run directory.
-
-    Returns (model in eval mode on ``device``, its resolved :class:`Config`, the raw state dict).
-    ``use_ema`` picks the EMA weights (what samples should use) over the raw training weights.
-    """
-    from flowmatch.checkpoint import find_checkpoint
-
-    file = find_checkpoint(path)
-    state = load_checkpoint(file, map_location="cpu")
-    try:
-        cfg = config_from_dict(state["config"])
-        data_shape, num_classes = tuple(state["data_shape"]), int(state["num_classes"])
-    except (KeyError, ConfigError) as e:
-        raise CheckpointError(f"{file}: its stored config is unusable: {e}") from None
-    model = build_model_from_config(cfg, data_shape, num_classes if cfg.model.class_cond else 0)
-    try:
-        model.load_state_dict(state["ema" if use_ema else "model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{file}: weights do not fit the stored architecture: "
-                              f"{str(e).splitlines()[0]}") from None
-    return model.to(device).eval(), cfg, state

@@ -1,0 +1,216 @@
+"""A trained run, loaded once: the one place that turns "a run" into samples.
+
+Loaded from a run directory or a checkpoint file (:meth:`Run.load`), or assembled from a training
+loop's live objects (:class:`Run` itself), it owns
+
+* the network (EMA weights by default) and the resolved :class:`~flowmatch.config.Config`,
+* the probability path, the data shape (the latent shape for latent models), the classes,
+* the label of sample ``i`` (:meth:`Run.labels`: ``label`` for all, else ``i % num_classes``),
+* classifier-free guidance (:class:`Guidance`),
+* latent decoding through the VAE recorded at training time (:meth:`Run.decode`),
+* :meth:`Run.sample`: samples ``indices`` with noise seeded per index, so a set of samples does not
+  depend on the batch size or on how many processes make it.
+
+The CLI's ``sample``, batch sampling into folders, distillation pairs, the trainer's sample grids
+and ``eval nll`` are short callers of this object. Time convention: ``t = 0`` is noise, ``t = 1``
+is data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flowmatch.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from flowmatch.components import build_model_from_config, load_autoencoder_for
+from flowmatch.config import Config, ConfigError, config_from_dict
+from flowmatch.flow.paths import AffinePath, build_path
+from flowmatch.flow.sampling import (
+    SampleSettings,
+    generate_with_settings,
+    resolve_settings,
+    seeded_noise,
+)
+
+__all__ = ["Guidance", "Run", "Samples", "model_from_checkpoint"]
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance: ``scale`` w (1 = the plain conditional model) applied for times in
+    ``interval``; see :class:`flowmatch.flow.guidance.ClassifierFreeGuidance`."""
+
+    scale: float = 1.0
+    interval: tuple[float, float] = (0.0, 1.0)
+
+    @property
+    def active(self) -> bool:
+        return self.scale != 1.0
+
+
+NO_GUIDANCE = Guidance()
+
+
+@dataclass
+class Samples:
+    """What :meth:`Run.sample` returns: ``x`` (n, *data_shape) in the model's space (latents for a
+    latent model, see :meth:`Run.decode`); ``nfe`` solver evaluations per sample; ``network_evals``
+    network passes per sample (twice the guided evaluations)."""
+
+    x: torch.Tensor
+    nfe: int
+    network_evals: int
+
+
+class Run:
+    """A trained flow model with everything needed to sample it.
+
+    Args:
+        model: the velocity network ``model(x, t, y)`` (the EMA copy, for samples).
+        config: its resolved config (path, sampling defaults, ...).
+        data_shape: the shape of one sample in the model's space.
+        num_classes: classes the model is conditioned on (0: unconditional).
+        latent: for latent models, what decoding needs (VAE source, normalisation, image size).
+        class_names: the data set's class names, when known.
+        checkpoint: the file the run was loaded from (None for a live training run).
+        step: the training step of the weights.
+        state: the raw checkpoint it was loaded from (None for a live run).
+    """
+
+    def __init__(self, model: nn.Module, config: Config, *, data_shape: tuple[int, ...],
+                 num_classes: int = 0, latent: dict | None = None,
+                 class_names: list[str] | None = None, checkpoint: Path | None = None, step: int = 0,
+                 state: dict | None = None):
+        self.model, self.config = model, config
+        self.data_shape = tuple(int(s) for s in data_shape)
+        self.num_classes = int(num_classes)
+        self.latent, self.class_names = latent, class_names
+        self.checkpoint, self.step, self.state = checkpoint, int(step), state
+        self.path: AffinePath = build_path(config.path.scheduler, **config.path.params)
+        self._autoencoders: dict[str | None, object] = {}
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, source: str | Path, *, use_ema: bool = True,
+             device: str | torch.device = "cpu") -> Run:
+        """The run stored in a checkpoint file or a run directory (its ``checkpoints/latest.pt``).
+
+        ``use_ema`` picks the EMA weights (what samples should use) over the raw training weights.
+        Raises :class:`~flowmatch.checkpoint.CheckpointError` for a file that is not a usable
+        checkpoint (foreign, truncated, a stored config or weights that do not fit).
+        """
+        file = find_checkpoint(source)
+        state = load_checkpoint(file, map_location="cpu")
+        try:
+            cfg = config_from_dict(state["config"])
+            data_shape, num_classes = tuple(state["data_shape"]), int(state["num_classes"])
+        except (KeyError, ConfigError) as e:
+            raise CheckpointError(f"{file}: its stored config is unusable: {e}") from None
+        num_classes = num_classes if cfg.model.class_cond else 0
+        model = build_model_from_config(cfg, data_shape, num_classes)
+        try:
+            model.load_state_dict(state["ema" if use_ema else "model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{file}: weights do not fit the stored architecture: "
+                                  f"{str(e).splitlines()[0]}") from None
+        run = cls(model.to(device).eval(), cfg, data_shape=data_shape, num_classes=num_classes,
+                  latent=state.get("latent"), class_names=state.get("class_names"),
+                  checkpoint=file, step=int(state.get("step", 0)), state=state)
+        return run
+
+    # -- facts -----------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def is_latent(self) -> bool:
+        return bool(self.latent)
+
+    @property
+    def makes_images(self) -> bool:
+        """True when samples are images once decoded (pixel models of (C, H, W), latent models)."""
+        return self.is_latent or len(self.data_shape) == 3
+
+    def labels(self, indices, label: int | None = None) -> torch.Tensor | None:
+        """The class of each sample in ``indices``: ``label`` for all, else ``i % num_classes``;
+        None for an unconditional model (which refuses a ``label``)."""
+        if not self.num_classes:
+            if label is not None:
+                raise ValueError("label: this model is unconditional")
+            return None
+        ids = torch.tensor([int(i) for i in indices], device=self.device)
+        if label is None:
+            return ids % self.num_classes
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"label: must be in [0, {self.num_classes - 1}]")
+        return torch.full_like(ids, label)
+
+    def settings(self, **overrides) -> SampleSettings:
+        """Sampling settings: the run's ``sample`` section with ``overrides`` (None = the run's);
+        see :func:`flowmatch.flow.sampling.resolve_settings`."""
+        overrides.setdefault("num_classes", self.num_classes)
+        return resolve_settings(self.config.sample, **overrides)
+
+    def velocity_model(self, guidance: Guidance = NO_GUIDANCE) -> nn.Module:
+        """The network, wrapped in classifier-free guidance when ``guidance`` is active."""
+        if not guidance.active:
+            return self.model
+        from flowmatch.flow.guidance import ClassifierFreeGuidance
+
+        return ClassifierFreeGuidance(self.model, guidance.scale, tuple(guidance.interval))
+
+    # -- sampling --------------------------------------------------------------------------------
+
+    def sample(self, indices, settings: SampleSettings, *, seed: int, label: int | None = None,
+               guidance: Guidance = NO_GUIDANCE) -> Samples:
+        """Samples ``indices`` (global sample indices) in the model's space.
+
+        Sample ``i`` starts from ``seeded_noise([i], data_shape, seed)``, has class
+        :meth:`labels` and (SDE samplers) per-step noise seeded by ``(seed, i)``: the result for
+        an index never depends on the other indices of the call.
+        """
+        indices = [int(i) for i in indices]
+        model = self.velocity_model(guidance)
+        x0 = seeded_noise(indices, self.data_shape, seed=seed, device=self.device)  # (n, *shape)
+        res = generate_with_settings(model, x0, settings, path=self.path, y=self.labels(indices, label),
+                                     indices=indices, seed=seed, atol=self.config.sample.atol,
+                                     rtol=self.config.sample.rtol)
+        # the guidance wrapper counts its passes per call (a guided call is 2), i.e. per sample
+        passes = model.network_evals if guidance.active else res.nfe
+        return Samples(x=res.x, nfe=res.nfe, network_evals=passes)
+
+    # -- latents ---------------------------------------------------------------------------------
+
+    def autoencoder(self, vae: str | None = None):
+        """The frozen VAE that decodes this latent run's samples (loaded once per source), with the
+        normalisation recorded at training time. ``vae`` overrides where it is loaded from."""
+        if not self.is_latent:
+            raise ValueError("this run is not a latent model: there is nothing to decode")
+        if vae not in self._autoencoders:
+            self._autoencoders[vae] = load_autoencoder_for(self.latent, device=self.device, vae=vae)
+        return self._autoencoders[vae]
+
+    def decode(self, x: torch.Tensor, *, vae: str | None = None, batch_size: int = 16) -> torch.Tensor:
+        """Images (n, C, H, W) in [-1, 1] for samples of this run: latents go through the VAE;
+        pixel samples are returned as they are."""
+        if not self.is_latent:
+            return x
+        return self.autoencoder(vae).decode(x.to(self.device), batch_size=batch_size)
+
+
+def model_from_checkpoint(path: str | Path, *, use_ema: bool = True,
+                          device: str | torch.device = "cpu") -> tuple[nn.Module, Config, dict]:
+    """Rebuild the network stored in a checkpoint file or run directory.
+
+    Returns (model in eval mode on ``device``, its resolved :class:`Config`, the raw state dict).
+    Kept for existing callers; :meth:`Run.load` gives the whole run.
+    """
+    run = Run.load(path, use_ema=use_ema, device=device)
+    return run.model, run.config, run.state
