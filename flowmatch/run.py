@@ -18,6 +18,7 @@ is data.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,8 @@ from flowmatch.flow.sampling import (
     seeded_noise,
 )
 
-__all__ = ["Guidance", "Run", "Samples", "model_from_checkpoint"]
+__all__ = ["NO_GUIDANCE", "Guidance", "Run", "SampleJob", "Samples", "SolverChoice", "known_fields", "model_from_checkpoint",
+           "take_fields"]
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,77 @@ class Guidance:
     def active(self) -> bool:
         return self.scale != 1.0
 
+    @classmethod
+    def from_options(cls, options: dict) -> Guidance:
+        """Guidance from the flat keywords ``cfg_scale`` / ``cfg_interval`` (removed from ``options``)."""
+        return cls(float(options.pop("cfg_scale", 1.0)),
+                   tuple(float(v) for v in options.pop("cfg_interval", (0.0, 1.0))))
+
+
+def take_fields(options: dict, cls: type) -> dict:
+    """Remove from ``options`` and return the keywords that are fields of the dataclass ``cls``."""
+    return {k: options.pop(k) for k in list(options) if k in cls.__dataclass_fields__}
+
+
+def known_fields(options: dict, cls: type) -> dict:
+    """``options`` after checking that each is a field of the dataclass ``cls`` (TypeError naming
+    the unknown ones: a mistyped option is an error, never silently ignored)."""
+    unknown = sorted(set(options) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}")
+    return options
+
 
 NO_GUIDANCE = Guidance()
+
+
+@dataclass(frozen=True)
+class SolverChoice:
+    """A user's choice of sampler; every None means "the run's own" (its config's ``sample``
+    section). ``nfe`` sets the steps from a budget of network evaluations instead of ``steps``."""
+
+    method: str | None = None
+    steps: int | None = None
+    nfe: int | None = None
+    grid: str | None = None
+    grid_shift: float | None = None
+    diffusion: str | None = None
+    diffusion_norm: float | None = None
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """What to sample from a run: ``n`` samples seeded by ``seed`` (sample ``i`` from
+    ``(seed, i)``), all of class ``label`` (else ``i % num_classes``), with ``solver`` and
+    ``guidance``, ``batch_size`` per forward pass (the results do not depend on it), the EMA or raw
+    weights, latents decoded through ``vae`` (None: the VAE recorded at training time)."""
+
+    n: int
+    seed: int = 0
+    batch_size: int = 64
+    label: int | None = None
+    solver: SolverChoice = SolverChoice()
+    guidance: Guidance = NO_GUIDANCE
+    use_ema: bool = True
+    vae: str | None = None
+    device: str = "auto"
+    progress: bool = True
+
+    @classmethod
+    def from_options(cls, n: int, **options) -> SampleJob:
+        """A job from flat keywords (the style of the CLI and of older callers): the
+        :class:`SolverChoice` fields, ``cfg_scale`` / ``cfg_interval`` for guidance, and this
+        class's own fields. An unknown keyword raises TypeError naming it."""
+        solver = SolverChoice(**take_fields(options, SolverChoice))
+        guidance = Guidance.from_options(options)
+        return cls(n=n, solver=solver, guidance=guidance, **known_fields(options, cls))
+
+    def check(self) -> None:
+        """Raise ValueError for an impossible job (before any work starts)."""
+        if self.n < 1:
+            raise ValueError("n: must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError("batch_size: must be >= 1")
 
 
 @dataclass
@@ -152,11 +223,12 @@ class Run:
             raise ValueError(f"label: must be in [0, {self.num_classes - 1}]")
         return torch.full_like(ids, label)
 
-    def settings(self, **overrides) -> SampleSettings:
-        """Sampling settings: the run's ``sample`` section with ``overrides`` (None = the run's);
-        see :func:`flowmatch.flow.sampling.resolve_settings`."""
-        overrides.setdefault("num_classes", self.num_classes)
-        return resolve_settings(self.config.sample, **overrides)
+    def settings(self, solver: SolverChoice = SolverChoice(), label: int | None = None) -> SampleSettings:
+        """Resolved sampling settings: the run's ``sample`` section with the non-None choices of
+        ``solver``. Raises ValueError naming the setting (unknown method, an NFE the method cannot
+        spend exactly, a label the model cannot take, ...)."""
+        return resolve_settings(self.config.sample, **dataclasses.asdict(solver), label=label,
+                                num_classes=self.num_classes)
 
     def velocity_model(self, guidance: Guidance = NO_GUIDANCE) -> nn.Module:
         """The network, wrapped in classifier-free guidance when ``guidance`` is active."""
@@ -168,6 +240,12 @@ class Run:
 
     # -- sampling --------------------------------------------------------------------------------
 
+    def start(self, indices, *, seed: int, label: int | None = None):
+        """The starting point of samples ``indices``: ``(x0, y)``, the noise
+        ``seeded_noise(indices, data_shape, seed)`` (n, *data_shape) and the labels (or None)."""
+        x0 = seeded_noise(indices, self.data_shape, seed=seed, device=self.device)
+        return x0, self.labels(indices, label)
+
     def sample(self, indices, settings: SampleSettings, *, seed: int, label: int | None = None,
                guidance: Guidance = NO_GUIDANCE) -> Samples:
         """Samples ``indices`` (global sample indices) in the model's space.
@@ -178,13 +256,21 @@ class Run:
         """
         indices = [int(i) for i in indices]
         model = self.velocity_model(guidance)
-        x0 = seeded_noise(indices, self.data_shape, seed=seed, device=self.device)  # (n, *shape)
-        res = generate_with_settings(model, x0, settings, path=self.path, y=self.labels(indices, label),
+        x0, y = self.start(indices, seed=seed, label=label)
+        res = generate_with_settings(model, x0, settings, path=self.path, y=y,
                                      indices=indices, seed=seed, atol=self.config.sample.atol,
                                      rtol=self.config.sample.rtol)
         # the guidance wrapper counts its passes per call (a guided call is 2), i.e. per sample
         passes = model.network_evals if guidance.active else res.nfe
         return Samples(x=res.x, nfe=res.nfe, network_evals=passes)
+
+    def sample_batches(self, indices, settings: SampleSettings, job: SampleJob):
+        """:meth:`sample` over ``indices`` in batches of ``job.batch_size``: yields
+        ``(batch_indices, Samples)``."""
+        indices = [int(i) for i in indices]
+        for start in range(0, len(indices), job.batch_size):
+            idx = indices[start:start + job.batch_size]
+            yield idx, self.sample(idx, settings, seed=job.seed, label=job.label, guidance=job.guidance)
 
     # -- latents ---------------------------------------------------------------------------------
 

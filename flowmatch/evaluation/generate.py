@@ -30,6 +30,8 @@ import torch
 
 from flowmatch import distributed
 from flowmatch.atomic import atomic_write_json, file_sha256
+from flowmatch.flow.sampling import SDE_METHODS
+from flowmatch.run import Run, SampleJob
 
 __all__ = ["MANIFEST", "sample_to_folder"]
 
@@ -112,35 +114,24 @@ def _save_atomic(image: torch.Tensor, out: Path, index: int) -> None:
     os.replace(tmp, out / f"{index:06d}.png")
 
 
-def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, n: int,
-                     seed: int = 0, method: str | None = None, steps: int | None = None,
-                     grid: str | None = None, grid_shift: float | None = None,
-                     batch_size: int = 64, label: int | None = None, use_ema: bool = True,
-                     vae: str | None = None, device: str = "auto", progress: bool = True,
-                     cfg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
-                     nfe: int | None = None, diffusion: str | None = None,
-                     diffusion_norm: float | None = None) -> dict:
+def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
+                     job: SampleJob | None = None, **options) -> dict:
     """Write samples ``0 .. n-1`` of a checkpoint as ``out_dir/{i:06d}.png``; resumable; torchrun-aware.
 
     Sample ``i`` starts from the noise ``seeded_noise([i], data_shape, seed)`` and, for a
     class-conditional model, the label ``i % num_classes`` (or ``label`` for all), so the files are
-    identical whatever the number of processes or ``batch_size``. Latent models are decoded through
-    the VAE recorded in the checkpoint (``vae`` only overrides where it is loaded from).
+    identical whatever the number of processes or ``batch_size`` (see :class:`flowmatch.run.Run`).
+    Latent models are decoded through the VAE recorded in the checkpoint (``vae`` only overrides
+    where it is loaded from).
 
     Args:
         checkpoint: checkpoint file or run directory (its checkpoints/latest.pt).
         out_dir: folder to fill; created if needed. Files already there are kept (resume).
-        n: number of samples. Re-running with a larger ``n`` and the same settings extends the set.
-        seed: noise seed (sample i uses ``sample_seed(seed, i)``).
-        method, steps, grid, grid_shift: solver settings; None takes the run's ``sample`` section.
-        nfe: a budget of network evaluations per sample instead of ``steps`` (must be exact).
-        diffusion, diffusion_norm: the SDE sampler's (``method="euler_maruyama"``) diffusion.
-        batch_size: samples per forward batch (per process); does not change the results.
-        label: class for every sample (class-conditional models); None cycles through classes.
-        use_ema: sample with the EMA weights (else the raw training weights).
-        vae: latent models: load the decoding VAE from here instead of the recorded source.
-        device: "auto" | "cpu" | "cuda"; under torchrun each process takes GPU ``LOCAL_RANK``.
-        progress: a tqdm bar on rank 0 counting samples over all ranks.
+        job: a :class:`~flowmatch.run.SampleJob`, or instead the same as flat keywords
+            (``n=``, ``seed=``, ``method=``, ``steps=``, ``nfe=``, ``grid=``, ``grid_shift=``,
+            ``diffusion=``, ``diffusion_norm=``, ``batch_size=``, ``label=``, ``use_ema=``, ``vae=``,
+            ``device=``, ``progress=``, ``cfg_scale=``, ``cfg_interval=``). Re-running with a
+            larger ``n`` and the same settings extends the set.
 
     Returns:
         ``{"n", "written", "skipped", "nfe", "seconds"}``: ``written`` new files over all ranks,
@@ -156,55 +147,52 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     while the job runs). Joins the process group under torchrun (``distributed.init``) and leaves it
     joined: the caller calls ``distributed.cleanup()``.
     """
-    from flowmatch.flow.paths import build_path
-    from flowmatch.flow.sampling import (
-        SDE_METHODS,
-        generate_with_settings,
-        resolve_settings,
-        seeded_noise,
-    )
-    from flowmatch.training import find_checkpoint, model_from_checkpoint
-
     t_start = time.perf_counter()
-    if n < 1:
-        raise ValueError("n: must be >= 1")
-    if batch_size < 1:
-        raise ValueError("batch_size: must be >= 1")
-    info, dev = distributed.init(device)
-    file = find_checkpoint(checkpoint)
-    model, cfg, state = model_from_checkpoint(file, use_ema=use_ema, device=dev)
-    if cfg_scale != 1.0:
-        from flowmatch.flow.guidance import ClassifierFreeGuidance
-
-        model = ClassifierFreeGuidance(model, cfg_scale, tuple(cfg_interval))
-    data_shape = tuple(int(s) for s in state["data_shape"])  # the model's (latent shape if latent)
-    num_classes = int(state["num_classes"])
-    latent = state.get("latent")
-    settings = resolve_settings(cfg.sample, method=method, steps=steps, grid=grid,
-                                grid_shift=grid_shift, label=label, num_classes=num_classes, nfe=nfe,
-                                diffusion=diffusion, diffusion_norm=diffusion_norm)
-    method, steps, grid, grid_shift = (settings.method, settings.steps, settings.grid,
-                                       settings.grid_shift)
-    path = build_path(cfg.path.scheduler, **cfg.path.params)
-    if len(data_shape) != 3 and not latent:
-        raise ValueError(f"a folder of PNGs needs image data; this model makes {data_shape} "
+    job = job if job is not None else SampleJob.from_options(**options)
+    job.check()
+    info, dev = distributed.init(job.device)
+    run = Run.load(checkpoint, use_ema=job.use_ema, device=dev)
+    run.velocity_model(job.guidance)  # refuses guidance of an unconditional model, before any work
+    settings = run.settings(job.solver, label=job.label)
+    if not run.makes_images:
+        raise ValueError(f"a folder of PNGs needs image data; this model makes {run.data_shape} "
                          "(sample to a .npy file instead)")
-
-    # Rank 0 checks the folder and writes the manifest; the broadcast is the barrier the others
-    # wait on and carries rank 0's refusal, so every rank stops together.
     out = Path(out_dir)
+    _agree_on_folder(out, _manifest(run, job, settings) if info.is_main else None)
+
+    # This rank's share (strided), minus the files already there.
+    todo = [i for i in range(info.rank, job.n, info.world_size) if not (out / f"{i:06d}.png").exists()]
+    counts = _gather_int(len(todo), info.rank, info.world_size, dev)
+    rounds = max(math.ceil(c / job.batch_size) for c in counts)  # every rank joins every round's sum
+    skipped = job.n - sum(counts)
+    nfe = _write_rounds(run, job, settings, out, todo, rounds, skipped, dev)
+    nfe = max(_gather_int(nfe, info.rank, info.world_size, dev))
+    distributed.barrier()  # rank 0 returns only once every file is on disk
+    return {"n": job.n, "written": sum(counts), "skipped": skipped, "nfe": nfe,
+            "seconds": time.perf_counter() - t_start}
+
+
+def _manifest(run: Run, job: SampleJob, settings) -> dict:
+    """The settings that make the set, as the folder's manifest records them."""
+    manifest = {
+        "format": MANIFEST_FORMAT, "checkpoint": str(run.checkpoint),
+        "checkpoint_sha256": file_sha256(run.checkpoint), "n": job.n, "seed": job.seed,
+        "method": settings.method, "steps": settings.steps, "grid": settings.grid,
+        "grid_shift": settings.grid_shift, "label": job.label, "use_ema": job.use_ema,
+        "data_shape": list(run.data_shape), "num_classes": run.num_classes,
+        "cfg_scale": float(job.guidance.scale), "cfg_interval": [float(v) for v in job.guidance.interval],
+    }
+    if settings.method in SDE_METHODS:
+        manifest.update(diffusion=settings.diffusion, diffusion_norm=settings.diffusion_norm)
+    return manifest
+
+
+def _agree_on_folder(out: Path, manifest: dict | None) -> None:
+    """Rank 0 (the one with a ``manifest``) checks the folder and writes the manifest; the broadcast
+    is the barrier the others wait on and carries rank 0's refusal, so every rank stops together."""
     plan: dict = {}
-    if info.is_main:
+    if manifest is not None:
         try:
-            manifest = {
-                "format": MANIFEST_FORMAT, "checkpoint": str(file), "checkpoint_sha256": file_sha256(file),
-                "n": n, "seed": seed, "method": method, "steps": steps, "grid": grid,
-                "grid_shift": grid_shift, "label": label, "use_ema": use_ema,
-                "data_shape": list(data_shape), "num_classes": num_classes,
-                "cfg_scale": float(cfg_scale), "cfg_interval": [float(v) for v in cfg_interval],
-            }
-            if method in SDE_METHODS:
-                manifest.update(diffusion=settings.diffusion, diffusion_norm=settings.diffusion_norm)
             _prepare_folder(out, manifest)
             plan = {"ok": True}
         except Exception as error:
@@ -214,38 +202,23 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     if "error" in plan:
         raise ValueError(f"rank 0 refused to sample into {out}: {plan['error']}")
 
-    # This rank's share (strided), minus the files already there.
-    todo = [i for i in range(info.rank, n, info.world_size) if not (out / f"{i:06d}.png").exists()]
-    counts = _gather_int(len(todo), info.rank, info.world_size, dev)
-    rounds = max(math.ceil(c / batch_size) for c in counts)  # every rank joins every round's sum
-    skipped = n - sum(counts)
 
-    autoencoder = None
-    if latent:
-        from flowmatch.training import load_autoencoder_for
-
-        autoencoder = load_autoencoder_for(latent, device=dev, vae=vae)
+def _write_rounds(run: Run, job: SampleJob, settings, out: Path, todo: list[int], rounds: int,
+                  skipped: int, dev: torch.device) -> int:
+    """Sample and write this rank's ``todo`` indices in ``rounds`` rounds (every rank joins every
+    round's progress sum); returns the largest NFE per sample seen."""
     bar = None
-    if progress and info.is_main:
+    if job.progress and distributed.is_main():
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, initial=skipped, desc="sample", unit="img", dynamic_ncols=True)
+        bar = tqdm(total=job.n, initial=skipped, desc="sample", unit="img", dynamic_ncols=True)
+    batches = run.sample_batches(todo, settings, job)
     nfe = 0
     try:
-        for r in range(rounds):
-            idx = todo[r * batch_size:(r + 1) * batch_size]
+        for _ in range(rounds):
+            idx, res = next(batches, ([], None))
             if idx:
-                x0 = seeded_noise(idx, data_shape, seed=seed, device=dev)  # (b, *data_shape)
-                y = None
-                if num_classes:
-                    ids = torch.tensor(idx, device=dev)
-                    y = torch.full_like(ids, label) if label is not None else ids % num_classes
-                res = generate_with_settings(model, x0, settings, path=path, y=y, indices=idx, seed=seed,
-                                             atol=cfg.sample.atol, rtol=cfg.sample.rtol)
-                x = res.x
-                if autoencoder is not None:
-                    x = autoencoder.decode(x, batch_size=batch_size)  # (b, 3, H, W)
-                x = x.cpu()
+                x = run.decode(res.x, vae=job.vae, batch_size=job.batch_size).cpu()  # (b, C, H, W)
                 for k, i in enumerate(idx):
                     _save_atomic(x[k], out, i)
                 nfe = max(nfe, res.nfe)
@@ -256,7 +229,4 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     finally:
         if bar is not None:
             bar.close()
-    nfe = max(_gather_int(nfe, info.rank, info.world_size, dev))
-    distributed.barrier()  # rank 0 returns only once every file is on disk
-    return {"n": n, "written": sum(counts), "skipped": skipped, "nfe": nfe,
-            "seconds": time.perf_counter() - t_start}
+    return nfe

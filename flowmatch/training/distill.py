@@ -18,9 +18,11 @@ evaluations, seconds for the pairs, seconds and steps of training) are written t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,99 +31,151 @@ from flowmatch import distributed
 from flowmatch.atomic import atomic_write_json, file_sha256
 from flowmatch.config import Config, config_from_dict, config_to_dict
 from flowmatch.data.pairs import PAIRS_FORMAT, create_pair_arrays, open_pair_arrays
-from flowmatch.flow.paths import build_path
-from flowmatch.flow.sampling import seeded_noise
 from flowmatch.flow.solvers import ADAPTIVE_METHODS, solve_ode
 from flowmatch.flow.time_samplers import time_grid
+from flowmatch.run import NO_GUIDANCE, Guidance, Run, known_fields, take_fields
 
-__all__ = ["make_pairs", "student_config", "run_reflow", "run_distill"]
+__all__ = ["PairJob", "StudentSpec", "TeacherSolve", "make_pairs", "run_distill", "run_reflow", "student_config"]
+
+
+@dataclass(frozen=True)
+class TeacherSolve:
+    """How the teacher's ODE is solved: a fixed-step ``method`` with ``steps_per_segment`` steps
+    inside each segment of the stored times, or an adaptive one at ``atol`` / ``rtol``."""
+
+    method: str = "rk4"
+    steps_per_segment: int = 8
+    atol: float = 1e-5
+    rtol: float = 1e-5
+
+    @property
+    def adaptive(self) -> bool:
+        return self.method in ADAPTIVE_METHODS
+
+    def grid(self, times: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The solver's time grid over ``times`` and the positions of ``times[1:]`` in it."""
+        if self.adaptive:
+            return times, list(range(1, times.numel()))
+        segs = [torch.linspace(float(a), float(b), self.steps_per_segment + 1, dtype=torch.float64)[:-1]
+                for a, b in zip(times[:-1], times[1:])]
+        keep = [j * self.steps_per_segment for j in range(1, times.numel())]
+        return torch.cat([*segs, times[-1:]]), keep
+
+
+@dataclass(frozen=True)
+class PairJob:
+    """``n`` teacher trajectories from seeded noise (trajectory ``i`` from ``(seed, i)``, class
+    ``i % num_classes``), their states stored at ``times`` (0 = t_0 < ... < t_K = 1)."""
+
+    n: int
+    times: torch.Tensor
+    solve: TeacherSolve = TeacherSolve()
+    seed: int = 0
+    batch_size: int = 256
+    guidance: Guidance = NO_GUIDANCE
+    use_ema: bool = True
+    device: str = "auto"
+    progress: bool = True
+
+    @classmethod
+    def from_options(cls, **options) -> PairJob:
+        """A job from flat keywords: :class:`TeacherSolve`'s fields, ``cfg_scale``, and this class's."""
+        solve = TeacherSolve(**take_fields(options, TeacherSolve))
+        guidance = Guidance.from_options(options)
+        job = cls(solve=solve, guidance=guidance, **known_fields(options, cls))
+        return dataclasses.replace(job, times=torch.as_tensor(job.times, dtype=torch.float64))
+
+    def check(self) -> None:
+        times = self.times
+        if self.n < 1:
+            raise ValueError("n: must be >= 1")
+        if times.ndim != 1 or times.numel() < 2 or float(times[0]) != 0.0 or float(times[-1]) != 1.0 \
+                or not bool((times[1:] > times[:-1]).all()):
+            raise ValueError("times: must increase from 0 to 1")
+        if not self.solve.adaptive and self.solve.steps_per_segment < 1:
+            raise ValueError("steps_per_segment: must be >= 1")
 
 
 @torch.no_grad()
-def make_pairs(teacher: str | Path, out: str | Path, *, n: int, times: torch.Tensor,
-               method: str = "rk4", steps_per_segment: int = 8, atol: float = 1e-5, rtol: float = 1e-5,
-               seed: int = 0, batch_size: int = 256, cfg_scale: float = 1.0, use_ema: bool = True,
-               device: str = "auto", progress: bool = True) -> dict:
+def make_pairs(teacher: str | Path, out: str | Path, job: PairJob | None = None, **options) -> dict:
     """Solve the teacher's ODE for ``n`` seeded noises and store the states at ``times``.
 
-    Trajectory ``i`` starts from ``seeded_noise([i], shape, seed)`` and, for a class-conditional
-    teacher, class ``i % num_classes`` (with classifier-free guidance ``cfg_scale`` if != 1: the
-    student then learns the guided flow in one pass per step). Fixed-step ``method``\\ s take
-    ``steps_per_segment`` steps inside each segment of ``times``; adaptive ones use ``times`` as
-    output times. Under torchrun the ranks split the trajectories. An existing complete store made
-    with the same settings is reused. Returns the store's meta (with ``nfe_per_pair``, ``seconds``).
+    ``job`` (a :class:`PairJob`) or the same as flat keywords (``n=``, ``times=``, ``method=``,
+    ``steps_per_segment=``, ``atol=``, ``rtol=``, ``seed=``, ``batch_size=``, ``cfg_scale=``,
+    ``use_ema=``, ``device=``, ``progress=``). Trajectory ``i`` starts where
+    :meth:`flowmatch.run.Run.start` puts sample ``i`` (with classifier-free guidance if
+    ``cfg_scale`` != 1: the student then learns the guided flow in one pass per step). Fixed-step
+    methods take ``steps_per_segment`` steps inside each segment of ``times``; adaptive ones use
+    ``times`` as output times. Under torchrun the ranks split the trajectories. An existing
+    complete store made with the same settings is reused. Returns the store's meta (with
+    ``nfe_per_pair``, ``seconds``).
     """
-    from flowmatch.checkpoint import find_checkpoint
-    from flowmatch.run import model_from_checkpoint
-
-    if n < 1:
-        raise ValueError("n: must be >= 1")
-    times = torch.as_tensor(times, dtype=torch.float64)
-    if times.ndim != 1 or times.numel() < 2 or float(times[0]) != 0.0 or float(times[-1]) != 1.0 \
-            or not bool((times[1:] > times[:-1]).all()):
-        raise ValueError("times: must increase from 0 to 1")
-    if method not in ADAPTIVE_METHODS and steps_per_segment < 1:
-        raise ValueError("steps_per_segment: must be >= 1")
+    job = job if job is not None else PairJob.from_options(**options)
+    job.check()
     out = Path(out)
-    info, dev = distributed.init(device)
-    file = find_checkpoint(teacher)
-    model, cfg, state = model_from_checkpoint(file, use_ema=use_ema, device=dev)
-    num_classes = int(state["num_classes"])
-    if cfg_scale != 1.0:
-        from flowmatch.flow.guidance import ClassifierFreeGuidance
-
-        model = ClassifierFreeGuidance(model, cfg_scale)
-    shape = tuple(int(s) for s in state["data_shape"])
-    settings = {
-        "format": PAIRS_FORMAT, "n": n, "data_shape": list(shape), "num_classes": num_classes,
-        "times": [float(t) for t in times], "latent": state.get("latent"),
-        "teacher": str(file), "teacher_sha256": file_sha256(file) if info.is_main else None,
-        "teacher_step": int(state["step"]), "use_ema": use_ema, "method": method,
-        "steps_per_segment": None if method in ADAPTIVE_METHODS else steps_per_segment,
-        "atol": atol if method in ADAPTIVE_METHODS else None,
-        "rtol": rtol if method in ADAPTIVE_METHODS else None,
-        "cfg_scale": float(cfg_scale), "seed": seed,
-    }
+    info, dev = distributed.init(job.device)
+    run = Run.load(teacher, use_ema=job.use_ema, device=dev)
+    run.velocity_model(job.guidance)  # refuses guidance of an unconditional teacher, before any work
+    settings = _pair_settings(run, job, info.is_main)
     plan = None
     if info.is_main:
         old = _complete_meta(out)
         same = old is not None and all(old.get(k) == v for k, v in settings.items())
-        plan = {"reuse": old} if same else {"reuse": None}
+        plan = {"reuse": old if same else None}
         if not same:
-            create_pair_arrays(out, n, shape, times.numel() - 1)
+            create_pair_arrays(out, job.n, run.data_shape, job.times.numel() - 1)
     plan = distributed.broadcast_object(plan)  # also the barrier: the arrays exist now
     if plan["reuse"] is not None:
-        distributed.print0(f"reusing the pair store {out} ({n} trajectories)")
+        distributed.print0(f"reusing the pair store {out} ({job.n} trajectories)")
         return plan["reuse"]
+    t_start = time.perf_counter()
+    nfe = _solve_into_store(run, job, out, list(range(info.rank, job.n, info.world_size)))
+    nfe = int(_max_over_ranks(nfe, dev))
+    seconds = _max_over_ranks(time.perf_counter() - t_start, dev)
+    meta = dict(settings, nfe_per_pair=nfe, teacher_nfe_total=nfe * job.n, seconds=seconds,
+                processes=info.world_size, complete=True)
+    if info.is_main:
+        atomic_write_json(out / "meta.json", meta)
+    distributed.barrier()
+    return meta
 
-    path = build_path(cfg.path.scheduler, **cfg.path.params)
-    if method in ADAPTIVE_METHODS:
-        grid, keep = times, list(range(1, times.numel()))
-    else:
-        segs = [torch.linspace(float(a), float(b), steps_per_segment + 1, dtype=torch.float64)[:-1]
-                for a, b in zip(times[:-1], times[1:])]
-        grid = torch.cat([*segs, times[-1:]])
-        keep = [j * steps_per_segment for j in range(1, times.numel())]
+
+def _pair_settings(run: Run, job: PairJob, is_main: bool) -> dict:
+    """What makes a pair store: compared key by key to reuse an existing one."""
+    solve = job.solve
+    return {
+        "format": PAIRS_FORMAT, "n": job.n, "data_shape": list(run.data_shape),
+        "num_classes": run.num_classes, "times": [float(t) for t in job.times], "latent": run.latent,
+        "teacher": str(run.checkpoint),
+        "teacher_sha256": file_sha256(run.checkpoint) if is_main else None,
+        "teacher_step": run.step, "use_ema": job.use_ema, "method": solve.method,
+        "steps_per_segment": None if solve.adaptive else solve.steps_per_segment,
+        "atol": solve.atol if solve.adaptive else None,
+        "rtol": solve.rtol if solve.adaptive else None,
+        "cfg_scale": float(job.guidance.scale), "seed": job.seed,
+    }
+
+
+def _solve_into_store(run: Run, job: PairJob, out: Path, todo: list[int]) -> int:
+    """Solve trajectories ``todo`` in batches and write them into the store; returns the NFE."""
+    grid, keep = job.solve.grid(job.times)
+    model = run.velocity_model(job.guidance)
     x0_arr, traj_arr, label_arr = open_pair_arrays(out)
-    todo = list(range(info.rank, n, info.world_size))
-    t_start, nfe = time.perf_counter(), 0
-    bar = None
-    if progress and info.is_main:
+    nfe, bar = 0, None
+    if job.progress and distributed.is_main():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="teacher trajectories", unit="traj", dynamic_ncols=True)
-    for b in range(0, len(todo), batch_size):
-        idx = todo[b:b + batch_size]
-        x0 = seeded_noise(idx, shape, seed=seed, device=dev)
-        y = None
-        if num_classes:
-            y = torch.tensor(idx, device=dev) % num_classes
+    for b in range(0, len(todo), job.batch_size):
+        idx = todo[b:b + job.batch_size]
+        x0, y = run.start(idx, seed=job.seed)
 
         def velocity(x, t, y=y):
             return model(x, t, y)
 
-        res = solve_ode(velocity, x0, method=method, grid=grid.to(x0.dtype) if method not in ADAPTIVE_METHODS
-                        else grid, atol=atol, rtol=rtol, return_trajectory=True, path=path)
+        res = solve_ode(velocity, x0, method=job.solve.method,
+                        grid=grid if job.solve.adaptive else grid.to(x0.dtype), atol=job.solve.atol,
+                        rtol=job.solve.rtol, return_trajectory=True, path=run.path)
         states = torch.stack([res.trajectory[j] for j in keep], dim=1)  # (b, K, *shape)
         x0_arr[idx] = x0.cpu().numpy()
         traj_arr[idx] = states.float().cpu().numpy()
@@ -133,15 +187,7 @@ def make_pairs(teacher: str | Path, out: str | Path, *, n: int, times: torch.Ten
         bar.close()
     for arr in (x0_arr, traj_arr, label_arr):
         arr.flush()
-    seconds = time.perf_counter() - t_start
-    nfe = int(_max_over_ranks(nfe, dev))
-    seconds = _max_over_ranks(seconds, dev)
-    meta = dict(settings, nfe_per_pair=nfe, teacher_nfe_total=nfe * n, seconds=seconds,
-                processes=info.world_size, complete=True)
-    if info.is_main:
-        atomic_write_json(out / "meta.json", meta)
-    distributed.barrier()
-    return meta
+    return nfe
 
 
 def _max_over_ranks(value: float, dev) -> float:
@@ -208,56 +254,61 @@ def _report(out_dir: Path, kind: str, pairs_meta: dict, result, train_seconds: f
     return report
 
 
-def run_reflow(teacher: str | Path, out_dir: str | Path, *, n: int, train_steps: int,
-               method: str = "rk4", steps: int = 16, overrides: list[str] | None = None,
-               seed: int = 0, batch_size: int = 256, cfg_scale: float = 1.0, device: str = "auto",
-               progress: bool = True) -> dict:
-    """Reflow: ``n`` teacher pairs (``method`` with ``steps`` steps, or adaptive), then
-    ``train_steps`` of flow matching on them into ``out_dir``. Returns the cost report."""
-    return _run("reflow", teacher, out_dir, n=n, train_steps=train_steps, method=method,
-                steps_per_segment=steps, times=torch.tensor([0.0, 1.0], dtype=torch.float64),
-                grid="uniform", grid_shift=1.0, overrides=overrides, seed=seed, batch_size=batch_size,
-                cfg_scale=cfg_scale, device=device, progress=progress)
+@dataclass(frozen=True)
+class StudentSpec:
+    """The student of a reflow / distillation: its objective (``flow`` on the pairs, or
+    ``segments``), its training steps, its sampling grid and config overrides (``key=value``)."""
+
+    objective: str
+    train_steps: int
+    grid: str = "uniform"
+    grid_shift: float = 1.0
+    overrides: tuple[str, ...] = ()
+
+
+def run_reflow(teacher: str | Path, out_dir: str | Path, *, n: int, train_steps: int, steps: int = 16,
+               overrides: list[str] | None = None, **options) -> dict:
+    """Reflow: ``n`` teacher pairs (``method``, default rk4, with ``steps`` steps, or adaptive), then
+    ``train_steps`` of flow matching on them into ``out_dir``. ``options``: the other
+    :class:`PairJob` keywords (``method``, ``seed``, ``batch_size``, ``cfg_scale``, ``device``,
+    ``progress``). Returns the cost report."""
+    job = PairJob.from_options(n=n, times=torch.tensor([0.0, 1.0], dtype=torch.float64),
+                               steps_per_segment=steps, **options)
+    return _run("reflow", teacher, out_dir, job,
+                StudentSpec("flow", train_steps, overrides=tuple(overrides or ())))
 
 
 def run_distill(teacher: str | Path, out_dir: str | Path, *, nfe: int, n: int, train_steps: int,
-                grid: str = "uniform", grid_shift: float = 1.0, method: str = "rk4",
-                steps_per_segment: int | None = None, overrides: list[str] | None = None,
-                seed: int = 0, batch_size: int = 256, cfg_scale: float = 1.0, device: str = "auto",
-                progress: bool = True) -> dict:
+                grid: str = "uniform", grid_shift: float = 1.0, steps_per_segment: int | None = None,
+                overrides: list[str] | None = None, **options) -> dict:
     """Distil the teacher into an ``nfe``-step Euler student on the ``grid``. The teacher solves
-    each of the ``nfe`` segments with ``steps_per_segment`` steps of ``method`` (default: about 32
-    steps in all). Returns the cost report."""
+    each of the ``nfe`` segments with ``steps_per_segment`` steps of ``method`` (default rk4, about
+    32 steps in all). ``options``: the other :class:`PairJob` keywords. Returns the cost report."""
     if not isinstance(nfe, int) or nfe < 1:
         raise ValueError("nfe: the student's number of steps must be an integer >= 1")
     times = time_grid(nfe, kind=grid, shift=grid_shift, dtype=torch.float64)
     sps = steps_per_segment if steps_per_segment is not None else max(1, math.ceil(32 / nfe))
-    return _run("distill", teacher, out_dir, n=n, train_steps=train_steps, method=method,
-                steps_per_segment=sps, times=times, grid=grid, grid_shift=grid_shift,
-                overrides=overrides, seed=seed, batch_size=batch_size, cfg_scale=cfg_scale,
-                device=device, progress=progress)
+    job = PairJob.from_options(n=n, times=times, steps_per_segment=sps, **options)
+    return _run("distill", teacher, out_dir, job,
+                StudentSpec("segments", train_steps, grid, grid_shift, tuple(overrides or ())))
 
 
-def _run(kind, teacher, out_dir, *, n, train_steps, method, steps_per_segment, times, grid, grid_shift,
-         overrides, seed, batch_size, cfg_scale, device, progress) -> dict:
+def _run(kind: str, teacher: str | Path, out_dir: str | Path, job: PairJob, student: StudentSpec) -> dict:
     from flowmatch.checkpoint import find_checkpoint, load_checkpoint
 
-    if train_steps < 1:
+    if student.train_steps < 1:
         raise ValueError("train_steps: must be >= 1")
     out_dir = Path(out_dir)
     file = find_checkpoint(teacher)
     teacher_cfg = config_from_dict(load_checkpoint(file, map_location="cpu")["config"])
     # the student's config first: a bad override fails before any teacher work
-    cfg = student_config(teacher_cfg, file, out_dir / "pairs", out_dir,
-                         objective="segments" if kind == "distill" else "flow",
-                         train_steps=train_steps, times=times, grid=grid, grid_shift=grid_shift,
-                         overrides=overrides)
-    pairs_meta = make_pairs(file, out_dir / "pairs", n=n, times=times, method=method,
-                            steps_per_segment=steps_per_segment, seed=seed, batch_size=batch_size,
-                            cfg_scale=cfg_scale, device=device, progress=progress)
-    distributed.print0(f"{kind}: {n} teacher trajectories, {pairs_meta['nfe_per_pair']} NFE each, "
+    cfg = student_config(teacher_cfg, file, out_dir / "pairs", out_dir, objective=student.objective,
+                         train_steps=student.train_steps, times=job.times, grid=student.grid,
+                         grid_shift=student.grid_shift, overrides=list(student.overrides))
+    pairs_meta = make_pairs(file, out_dir / "pairs", job)
+    distributed.print0(f"{kind}: {job.n} teacher trajectories, {pairs_meta['nfe_per_pair']} NFE each, "
                        f"{pairs_meta['seconds']:.1f} s")
-    result, seconds = _train(cfg, progress)
+    result, seconds = _train(cfg, job.progress)
     report = _report(out_dir, kind, pairs_meta, result, seconds, cfg)
     distributed.print0(json.dumps(report))
     return report
