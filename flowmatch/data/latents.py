@@ -2,8 +2,8 @@
 
 Latent flow matching trains on ``z = normalize(E(x))`` rather than on pixels. Running the VAE
 encoder every step would cost more than the flow model itself, so ``encode_to_store`` runs it once
-and writes the raw posterior means into one memory-mapped array; ``LatentStore`` reads them back
-as a ``Dataset``.
+(how: an :class:`EncodeSettings`) and writes the raw posterior means into one memory-mapped array;
+``LatentStore`` reads them back as a ``Dataset``.
 
 Folder layout (format ``flowmatch-latents-v1``)::
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -46,7 +47,7 @@ from flowmatch.atomic import atomic_write_json
 from flowmatch.autoencoder import LatentNormalization
 from flowmatch.data.imagefolder import ImageFolder
 
-__all__ = ["FORMAT", "LatentStore", "encode_to_store", "read_store_meta"]
+__all__ = ["FORMAT", "EncodeSettings", "LatentStore", "encode_to_store", "read_store_meta"]
 
 FORMAT = "flowmatch-latents-v1"
 _DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -143,7 +144,7 @@ def _channel_stats(latents: np.ndarray) -> tuple[list[float], list[float]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _prepare_store(out: Path, settings: dict, overwrite: bool) -> dict:
+def _prepare_store(out: Path, store_meta: dict, overwrite: bool) -> dict:
     """Rank 0: create a fresh store, or check an existing one and say where to resume.
 
     Returns ``{"complete": bool, "written": items already written}``.
@@ -160,18 +161,18 @@ def _prepare_store(out: Path, settings: dict, overwrite: bool) -> dict:
         except ValueError as error:
             raise ValueError(f"{out} holds an unreadable latent store ({error}); pass "
                              "overwrite=True to replace it") from None
-        diffs = [f"{k}: store has {old.get(k)!r}, this run has {settings[k]!r}"
-                 for k in _SETTINGS if old.get(k) != settings[k]]
-        if not diffs and old.get("sources_digest") != settings["sources_digest"]:
+        diffs = [f"{k}: store has {old.get(k)!r}, this run has {store_meta[k]!r}"
+                 for k in _SETTINGS if old.get(k) != store_meta[k]]
+        if not diffs and old.get("sources_digest") != store_meta["sources_digest"]:
             diffs.append("the image files differ (another list of files under the image folder)")
         if diffs:
             raise ValueError(f"{out} already holds a latent store made with other settings -- "
                              + "; ".join(diffs)
                              + ". Use another output folder, or overwrite=True to start over")
-        n = settings["count"]
-        _check_npy(out / _LATENTS, (n, *settings["shape"]), _DTYPES[settings["dtype"]])
-        if settings["has_std"]:
-            _check_npy(out / _STD, (n, *settings["shape"]), _DTYPES[settings["dtype"]])
+        n = store_meta["count"]
+        _check_npy(out / _LATENTS, (n, *store_meta["shape"]), _DTYPES[store_meta["dtype"]])
+        if store_meta["has_std"]:
+            _check_npy(out / _STD, (n, *store_meta["shape"]), _DTYPES[store_meta["dtype"]])
         written = int(old.get("written", 0))
         if not 0 <= written <= n:
             raise ValueError(f"{meta_path}: written={written} is outside [0, {n}]")
@@ -181,37 +182,70 @@ def _prepare_store(out: Path, settings: dict, overwrite: bool) -> dict:
         raise ValueError(f"{out} holds {_LATENTS} but no {_META}: not a store this code wrote, or "
                          "one whose creation was interrupted; pass overwrite=True to replace it")
     out.mkdir(parents=True, exist_ok=True)
-    shape, dtype = (settings["count"], *settings["shape"]), _DTYPES[settings["dtype"]]
+    shape, dtype = (store_meta["count"], *store_meta["shape"]), _DTYPES[store_meta["dtype"]]
     # Allocate the full arrays up front (sparse on most file systems), so every rank can write
     # its rows in place and a resumed run finds them at their final size.
-    for name in (_LATENTS, _STD) if settings["has_std"] else (_LATENTS,):
+    for name in (_LATENTS, _STD) if store_meta["has_std"] else (_LATENTS,):
         array = np.lib.format.open_memmap(out / name, mode="w+", dtype=dtype, shape=shape)
         array.flush()
         del array
-    if settings["classes"]:
-        np.save(out / _LABELS, settings["_labels"])
-    meta = {k: v for k, v in settings.items() if not k.startswith("_")}
+    if store_meta["classes"]:
+        np.save(out / _LABELS, store_meta["_labels"])
+    meta = {k: v for k, v in store_meta.items() if not k.startswith("_")}
     meta.update(channel_mean=None, channel_std=None, complete=False, written=0)
     atomic_write_json(meta_path, {"format": FORMAT, **meta})  # last: its presence means "created"
     return {"complete": False, "written": 0}
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """How :func:`encode_to_store` encodes an image folder (checked when built).
+
+    Attributes:
+        image_size: images are resized (and centre-cropped if ``center_crop``) to this square;
+            must be a multiple of the VAE's downsampling factor.
+        batch_size: images per encoder call per process (twice as many rows with ``flip``).
+        flip: also store every image's horizontal mirror (items ``2i``, ``2i+1``).
+        dtype: ``"float16"`` (half the disk and page cache; SD latents are far inside its range)
+            or ``"float32"``.
+        store_posterior: also store the posterior std, so training can sample
+            ``z_raw = m + s * eps`` (``LatentStore(sample_posterior=True)``).
+        center_crop: crop to a square after resizing the short side (else squash).
+        overwrite: delete an existing store in ``out_dir`` first instead of resuming or refusing.
+        num_workers: DataLoader processes decoding images.
+    """
+
+    image_size: int
+    batch_size: int = 16
+    flip: bool = False
+    dtype: str = "float16"
+    store_posterior: bool = False
+    center_crop: bool = True
+    overwrite: bool = False
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def copies(self) -> int:
+        """Store items per image: 2 with ``flip`` (the image and its mirror), else 1."""
+        return 2 if self.flip else 1
 
 
 def encode_to_store(
     autoencoder,
     image_root: str | os.PathLike,
     out_dir: str | os.PathLike,
+    settings: EncodeSettings | None = None,
     *,
-    image_size: int,
-    batch_size: int = 16,
-    flip: bool = False,
-    dtype: str = "float16",
-    store_posterior: bool = False,
-    center_crop: bool = True,
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
-    overwrite: bool = False,
-    num_workers: int = 0,
+    **options,
 ) -> Path:
     """Encode an image folder with a frozen VAE into a latent store (layout: module docstring).
 
@@ -221,22 +255,15 @@ def encode_to_store(
         image_root: an image folder, flat or one sub-folder per class (class sub-folders become
             ``labels.npy`` and ``meta["classes"]``); read with :class:`ImageFolder`.
         out_dir: the store folder (created).
-        image_size: images are resized (and centre-cropped if ``center_crop``) to this square;
-            must be a multiple of the VAE's downsampling factor.
-        batch_size: images per encoder call per process (twice as many rows with ``flip``).
-        flip: also store every image's horizontal mirror (items ``2i``, ``2i+1``).
-        dtype: ``"float16"`` (half the disk and page cache; SD latents are far inside its range)
-            or ``"float32"``.
-        store_posterior: also store the posterior std, so training can sample
-            ``z_raw = m + s * eps`` (``LatentStore(sample_posterior=True)``).
+        settings: an :class:`EncodeSettings`; ``options`` are its fields given as keywords
+            (``image_size=32, flip=True, ...``), alone or replacing fields of ``settings``. A
+            misspelt option is a ``TypeError`` naming it.
         progress: a tqdm bar on rank 0.
         rank, world_size: this process among ``world_size`` (from torchrun; see
             :func:`flowmatch.distributed.info`). ``world_size > 1`` needs an initialised process
             group. Work is split by index: in each global batch of ``batch_size x world_size``
             images, rank ``r`` encodes images ``start + r, start + r + W, ...``; all ranks write
             their rows into the same pre-allocated arrays, created by rank 0.
-        overwrite: delete an existing store in ``out_dir`` first instead of resuming or refusing.
-        num_workers: DataLoader processes decoding images.
 
     Resuming: after each global batch the arrays are flushed and ``meta["written"]`` is updated
     atomically. Re-running on an incomplete store with the same images and settings continues from
@@ -247,128 +274,187 @@ def encode_to_store(
     Returns:
         ``Path(out_dir)``.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if settings is None:
+        settings = EncodeSettings(**options)
+    elif options:
+        settings = replace(settings, **options)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
     if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise RuntimeError("encode_to_store with world_size > 1 needs an initialised process group "
                            "(call flowmatch.distributed.init() under torchrun)")
-    out = Path(out_dir)
-    dataset = ImageFolder(image_root, image_size, channels=3, center_crop=center_crop)
-    n_images = len(dataset)
-    per_image = 2 if flip else 1
-    root = Path(image_root)
-    rel_paths = [p.relative_to(root).as_posix() for p, _ in dataset.samples]
-    scaling = autoencoder.normalization
-    if scaling.kind != "scaling":  # record the VAE's own factors whatever the wrapper uses
-        scaling = LatentNormalization.from_vae_config(autoencoder.vae.config)
-    labels = np.repeat(np.asarray([y for _, y in dataset.samples], dtype=np.int64), per_image)
-    settings = {
-        "count": n_images * per_image,
-        "shape": list(autoencoder.latent_shape(image_size)),
-        "dtype": dtype,
-        "vae": autoencoder.source,
-        "vae_scaling_factor": scaling.scaling_factor,
-        "vae_shift_factor": scaling.shift_factor,
-        "image_size": image_size,
-        "center_crop": center_crop,
-        "flip": flip,
-        "classes": list(dataset.classes),
-        "has_std": store_posterior,
-        "sources_digest": _sources_digest(rel_paths, image_size, flip, autoencoder.source),
-        "_labels": labels,
-    }
+    dataset = ImageFolder(image_root, settings.image_size, channels=3,
+                          center_crop=settings.center_crop)
+    job = _EncodeJob(autoencoder, dataset, Path(out_dir), settings, rank, world_size)
+    store_meta = job.store_meta()
+    plan = _prepare_on_rank0(job.out, store_meta, settings.overwrite, rank)
+    if plan["complete"]:
+        distributed.print0(f"{job.out}: latent store already complete ({store_meta['count']} latents)")
+        return job.out
+    meta = job.write_from(plan["written"], progress)
+    job.finish(meta)
+    return job.out
 
-    # Rank 0 creates or checks the store; the broadcast doubles as the barrier the others wait
-    # on, and carries rank 0's error so that no rank hangs when it refuses.
+
+def _prepare_on_rank0(out: Path, store_meta: dict, overwrite: bool, rank: int) -> dict:
+    """Rank 0 creates or checks the store (:func:`_prepare_store`); every rank gets its plan.
+
+    The broadcast doubles as the barrier the others wait on, and carries rank 0's error so that
+    no rank hangs when it refuses.
+    """
     plan: dict = {}
     if rank == 0:
         try:
-            plan = _prepare_store(out, settings, overwrite)
+            plan = _prepare_store(out, store_meta, overwrite)
         except Exception as error:
             distributed.broadcast_object({"error": f"{type(error).__name__}: {error}"})
             raise
     plan = distributed.broadcast_object(plan)
     if "error" in plan:
         raise RuntimeError(f"rank 0 refused to write the latent store: {plan['error']}")
-    if plan["complete"]:
-        distributed.print0(f"{out}: latent store already complete ({settings['count']} latents)")
-        return out
+    return plan
 
-    np_dtype = _DTYPES[dtype]
-    latents = np.lib.format.open_memmap(out / _LATENTS, mode="r+")
-    stds = np.lib.format.open_memmap(out / _STD, mode="r+") if store_posterior else None
-    start_image = plan["written"] // per_image
-    global_batch = batch_size * world_size
-    batches = [  # this rank's images in each remaining global batch (possibly none in the last)
-        list(range(b + rank, min(b + global_batch, n_images), world_size))
-        for b in range(start_image, n_images, global_batch)
-    ]
 
-    class _Batches(torch.utils.data.Sampler):
-        def __iter__(self):
-            return iter([b for b in batches if b])
+class _FixedBatches(torch.utils.data.Sampler):
+    """A batch sampler over a precomputed list of index batches (empty ones skipped)."""
 
-        def __len__(self):
-            return sum(1 for b in batches if b)
+    def __init__(self, batches: list[list[int]]):
+        self.batches = [b for b in batches if b]
 
-    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=_Batches(),
-                                              num_workers=num_workers))
-    bar = None
-    if progress and rank == 0:
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+@dataclass
+class _EncodeJob:
+    """One process's share of writing a store: which images it encodes and where their rows go."""
+
+    autoencoder: object
+    dataset: ImageFolder
+    out: Path
+    settings: EncodeSettings
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self):
+        self.n_images = len(self.dataset)
+        self.rel_paths = [p.relative_to(self.dataset.root).as_posix() for p, _ in self.dataset.samples]
+
+    def store_meta(self) -> dict:
+        """What the store records (and a resumed run must match); ``_labels`` is written apart."""
+        s, ae = self.settings, self.autoencoder
+        scaling = ae.normalization
+        if scaling.kind != "scaling":  # record the VAE's own factors whatever the wrapper uses
+            scaling = LatentNormalization.from_vae_config(ae.vae.config)
+        labels = np.repeat(np.asarray([y for _, y in self.dataset.samples], dtype=np.int64), s.copies)
+        return {
+            "count": self.n_images * s.copies,
+            "shape": list(ae.latent_shape(s.image_size)),
+            "dtype": s.dtype,
+            "vae": ae.source,
+            "vae_scaling_factor": scaling.scaling_factor,
+            "vae_shift_factor": scaling.shift_factor,
+            "image_size": s.image_size,
+            "center_crop": s.center_crop,
+            "flip": s.flip,
+            "classes": list(self.dataset.classes),
+            "has_std": s.store_posterior,
+            "sources_digest": _sources_digest(self.rel_paths, s.image_size, s.flip, ae.source),
+            "_labels": labels,
+        }
+
+    def batches(self, start_image: int) -> list[list[int]]:
+        """This rank's images in each remaining global batch (possibly none in the last)."""
+        step = self.settings.batch_size * self.world_size
+        return [list(range(b + self.rank, min(b + step, self.n_images), self.world_size))
+                for b in range(start_image, self.n_images, step)]
+
+    def write_from(self, written: int, progress: bool) -> dict | None:
+        """Encode and write every image from store item ``written`` on.
+
+        After each global batch all ranks meet at a barrier, then rank 0 records the new
+        ``written`` in ``meta.json``. Returns rank 0's meta (None on the other ranks).
+        """
+        s = self.settings
+        start_image = written // s.copies
+        batches = self.batches(start_image)
+        latents = np.lib.format.open_memmap(self.out / _LATENTS, mode="r+")
+        stds = np.lib.format.open_memmap(self.out / _STD, mode="r+") if s.store_posterior else None
+        loader = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=_FixedBatches(batches),
+                                                  num_workers=s.num_workers))
+        bar = self._progress_bar(written) if progress and self.rank == 0 else None
+        meta = read_store_meta(self.out) if self.rank == 0 else None
+        try:
+            for k, images in enumerate(batches):
+                if images:
+                    x, _ = next(loader)  # (b, 3, S, S) in [-1, 1]
+                    self._write_rows(latents, stds, x, images)
+                distributed.barrier()  # every rank's rows of this global batch are on disk
+                done = min(start_image + (k + 1) * s.batch_size * self.world_size,
+                           self.n_images) * s.copies
+                if self.rank == 0:
+                    meta["written"] = done
+                    atomic_write_json(self.out / _META, meta)
+                    if bar is not None:
+                        bar.update(done - bar.n)
+        finally:
+            if bar is not None:
+                bar.close()
+        return meta
+
+    def _progress_bar(self, written: int):
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=settings["count"], initial=plan["written"], desc="encode latents",
-                   unit="latent", dynamic_ncols=True)
-    meta = read_store_meta(out) if rank == 0 else None
-    try:
-        for k, images in enumerate(batches):
-            if images:
-                x, _ = next(loader)  # (b, 3, S, S) in [-1, 1]
-                b = len(images)
-                if flip:
-                    x = torch.cat([x, x.flip(-1)])  # mirror along W
-                mean, std = autoencoder.encode_moments(x)  # raw, (b or 2b, C, h, w)
-                index = torch.as_tensor(images, dtype=torch.int64)
-                if flip:
-                    # Interleave: image i -> rows 2i (as is) and 2i+1 (mirrored).
-                    index = torch.stack([2 * index, 2 * index + 1], dim=1).reshape(-1)
-                    mean = torch.stack([mean[:b], mean[b:]], dim=1).flatten(0, 1)
-                    std = torch.stack([std[:b], std[b:]], dim=1).flatten(0, 1)
-                rows = mean.cpu().numpy().astype(np_dtype)
-                if not np.isfinite(rows).all():
-                    names = ", ".join(rel_paths[i] for i in images[:5])
-                    raise FloatingPointError(
-                        f"non-finite latents (overflow in {dtype}, or a VAE producing NaNs, e.g. "
-                        f"in half precision) for images among: {names}")
-                latents[index.numpy()] = rows
-                latents.flush()
-                if stds is not None:
-                    stds[index.numpy()] = std.cpu().numpy().astype(np_dtype)
-                    stds.flush()
-            distributed.barrier()  # every rank's rows of this global batch are on disk
-            done = min(start_image + (k + 1) * global_batch, n_images) * per_image
-            if rank == 0:
-                meta["written"] = done
-                atomic_write_json(out / _META, meta)
-                if bar is not None:
-                    bar.update(done - bar.n)
-    finally:
-        if bar is not None:
-            bar.close()
-    del latents, stds
+        return tqdm(total=self.n_images * self.settings.copies, initial=written,
+                    desc="encode latents", unit="latent", dynamic_ncols=True)
 
-    distributed.barrier()
-    if rank == 0:
-        reader = np.load(out / _LATENTS, mmap_mode="r")
-        meta["channel_mean"], meta["channel_std"] = _channel_stats(reader)
-        meta["complete"] = True
-        atomic_write_json(out / _META, meta)
-    distributed.barrier()  # the others return only once the store is complete
-    return out
+    def _encode(self, x: torch.Tensor, images: list[int]):
+        """Store rows for images ``images`` (pixels ``x`` (b, 3, S, S)): (row index, mean, std).
+
+        With ``flip`` the batch is encoded with its mirror and the rows interleaved: image ``i``
+        -> rows ``2i`` (as is) and ``2i + 1`` (mirrored), so mean / std are ``(2b, C, h, w)``.
+        """
+        b = len(images)
+        if self.settings.flip:
+            x = torch.cat([x, x.flip(-1)])  # mirror along W
+        mean, std = self.autoencoder.encode_moments(x)  # raw, (b or 2b, C, h, w)
+        index = torch.as_tensor(images, dtype=torch.int64)
+        if self.settings.flip:
+            index = torch.stack([2 * index, 2 * index + 1], dim=1).reshape(-1)
+            mean = torch.stack([mean[:b], mean[b:]], dim=1).flatten(0, 1)
+            std = torch.stack([std[:b], std[b:]], dim=1).flatten(0, 1)
+        return index.numpy(), mean, std
+
+    def _write_rows(self, latents: np.ndarray, stds: np.ndarray | None, x: torch.Tensor,
+                    images: list[int]) -> None:
+        """Encode one batch of images and write its rows in place, flushed."""
+        np_dtype = _DTYPES[self.settings.dtype]
+        index, mean, std = self._encode(x, images)
+        rows = mean.cpu().numpy().astype(np_dtype)
+        if not np.isfinite(rows).all():
+            names = ", ".join(self.rel_paths[i] for i in images[:5])
+            raise FloatingPointError(
+                f"non-finite latents (overflow in {self.settings.dtype}, or a VAE producing NaNs, "
+                f"e.g. in half precision) for images among: {names}")
+        latents[index] = rows
+        latents.flush()
+        if stds is not None:
+            stds[index] = std.cpu().numpy().astype(np_dtype)
+            stds.flush()
+
+    def finish(self, meta: dict | None) -> None:
+        """Once every rank's rows are written, rank 0 measures the channel statistics and marks
+        the store complete; the others return only once it is."""
+        distributed.barrier()
+        if self.rank == 0:
+            reader = np.load(self.out / _LATENTS, mmap_mode="r")
+            meta["channel_mean"], meta["channel_std"] = _channel_stats(reader)
+            meta["complete"] = True
+            atomic_write_json(self.out / _META, meta)
+        distributed.barrier()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,12 @@ import torch
 
 from flowmatch.autoencoder import Autoencoder
 from flowmatch.data import DATASET_KINDS, ImageFolder, LatentStore, build_dataset
-from flowmatch.data.latents import FORMAT, encode_to_store, read_store_meta
+from flowmatch.data.latents import (
+    FORMAT,
+    EncodeSettings,
+    encode_to_store,
+    read_store_meta,
+)
 
 pytest.importorskip("diffusers")
 TESTS = Path(__file__).resolve().parents[1]
@@ -192,6 +197,34 @@ def test_bad_arguments(setup, tmp_path):
         encode_to_store(ae, images, tmp_path / "b", image_size=33, progress=False)
     with pytest.raises(RuntimeError, match="process group"):
         encode_to_store(ae, images, tmp_path / "c", image_size=SIZE, rank=1, world_size=2)
+
+
+def test_settings_object_writes_the_same_store_as_keywords(setup, store32, tmp_path):
+    _, ae, images = setup
+    settings = EncodeSettings(image_size=SIZE, batch_size=4, dtype="float32", store_posterior=True)
+    out = encode_to_store(ae, images, tmp_path / "obj", settings, progress=False)
+    for name in ("latents.npy", "latents_std.npy", "labels.npy", "meta.json"):
+        assert (out / name).read_bytes() == (store32 / name).read_bytes(), name
+    # keywords next to a settings object replace its fields
+    half = encode_to_store(ae, images, tmp_path / "half", settings, dtype="float16",
+                           store_posterior=False, progress=False)
+    meta = read_store_meta(half)
+    assert meta["dtype"] == "float16" and not meta["has_std"] and meta["image_size"] == SIZE
+    assert settings.dtype == "float32"  # frozen: the caller's object is untouched
+
+
+def test_settings_are_checked_when_built(setup, tmp_path):
+    _, ae, images = setup
+    with pytest.raises(TypeError, match="flipp"):
+        encode_to_store(ae, images, tmp_path / "a", image_size=SIZE, flipp=True)
+    with pytest.raises(TypeError, match="image_size"):
+        encode_to_store(ae, images, tmp_path / "b", batch_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        EncodeSettings(image_size=SIZE, batch_size=0)
+    with pytest.raises(ValueError, match="dtype"):
+        encode_to_store(ae, images, tmp_path / "c", EncodeSettings(image_size=SIZE), dtype="int8")
+    assert EncodeSettings(SIZE, flip=True).copies == 2 and EncodeSettings(SIZE).copies == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 
 # ----------------------------------------------------------------------------------------------
