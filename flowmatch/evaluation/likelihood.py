@@ -40,38 +40,42 @@ the variational bound used then.
 The prior: the solve ends at ``x(0)``, which must be scored under the density of ``x_t`` at
 ``t = 0``. That is ``N(0, I)`` only when the path has ``alpha_0 = 0`` and ``sigma_0 = 1`` (linear,
 any ``sigma_min``; cosine). See :func:`prior_std` for the VP schedule.
+
+This module is the math; :mod:`flowmatch.evaluation.nll` scores a trained run's data with it
+(``flowmatch eval nll``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from flowmatch.flow.paths import AffinePath
-from flowmatch.flow.solvers import ADAPTIVE_METHODS, solve_ode
+from flowmatch.flow.solvers import solve_ode
 
 __all__ = [
-    "DIVERGENCES",
-    "PROBES",
     "DEQUANTIZE_MODES",
+    "DIVERGENCES",
     "EXACT_DIVERGENCE_MAX_DIM",
+    "PROBES",
     "LikelihoodResult",
-    "prior_std",
-    "exact_divergence",
-    "hutchinson_divergence",
-    "draw_probes",
-    "log_likelihood",
-    "dequantize",
+    "LikelihoodSettings",
     "bits_per_dim",
     "default_method",
-    "evaluate_nll",
-]
+    "dequantize",
+    "draw_probes",
+    "exact_divergence",
+    "hutchinson_divergence",
+    "log_likelihood",
+    "prior_std",
+    "resolve_divergence",
+]  # evaluate_nll moved to flowmatch.evaluation.nll (still importable from here: see __getattr__)
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]  # v(x (B, ...), t (B,)) -> (B, ...)
 
@@ -217,7 +221,9 @@ def default_method() -> str:
     return "dopri5" if importlib.util.find_spec("torchdiffeq") is not None else "rk4"
 
 
-def _resolve_divergence(divergence: str, dim: int) -> str:
+def resolve_divergence(divergence: str, dim: int) -> str:
+    """``"exact"`` or ``"hutchinson"`` for data of ``dim`` dimensions (``"auto"``: exact when
+    ``dim <= EXACT_DIVERGENCE_MAX_DIM``)."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; valid: {', '.join(DIVERGENCES)}")
     if divergence == "auto":
@@ -225,47 +231,71 @@ def _resolve_divergence(divergence: str, dim: int) -> str:
     return divergence
 
 
+@dataclass(frozen=True)
+class LikelihoodSettings:
+    """How :func:`log_likelihood` estimates the divergence and solves the ODE (names checked here).
+
+    divergence: "exact" | "hutchinson" | "auto" (exact when ``D <= 16``). probe / n_probes: the
+    kind and number of Hutchinson probes drawn when none are given (:func:`draw_probes`).
+    method / steps / atol / rtol: as :func:`flowmatch.flow.solvers.solve_ode` (``steps`` for
+    fixed-step methods; adaptive ones use atol / rtol on the augmented state ``[x, delta]``).
+    allow_approximate_prior: score ``x(0)`` under ``N(0, sigma_0^2 I)`` on paths whose ``t = 0``
+    marginal is not pure noise (see :func:`prior_std`).
+    """
+
+    divergence: str = "auto"
+    probe: str = "rademacher"
+    n_probes: int = 1
+    method: str = "dopri5"
+    steps: int | None = None
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    allow_approximate_prior: bool = False
+
+    def __post_init__(self):
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {self.divergence!r}; valid: {', '.join(DIVERGENCES)}")
+        if self.probe not in PROBES:
+            raise ValueError(f"unknown probe {self.probe!r}; valid probes: {', '.join(PROBES)}")
+
+
 def log_likelihood(
     velocity: VelocityFn,
     x1: Tensor,
+    settings: LikelihoodSettings | None = None,
     *,
     path: AffinePath | None = None,
-    allow_approximate_prior: bool = False,
-    divergence: str = "auto",
-    probe: str = "rademacher",
-    n_probes: int = 1,
     probes: Tensor | None = None,
     generator: torch.Generator | None = None,
-    method: str = "dopri5",
-    steps: int | None = None,
-    atol: float = 1e-5,
-    rtol: float = 1e-5,
+    **options,
 ) -> LikelihoodResult:
     """``log p_1(x1)`` of the flow ``dx/dt = velocity(x, t)`` started from the prior at ``t = 0``.
 
     velocity: ``v(x, t)``, ``x`` ``(B, ...)``, ``t`` ``(B,)`` -> ``(B, ...)`` (for a model:
     ``lambda x, t: model(x, t, y)``). x1: data ``(B, ...)``; its dtype is the solve's (float64
-    where precision matters). path: the probability path the velocity was trained on; it decides
+    where precision matters). settings: a :class:`LikelihoodSettings`; ``options`` are its fields
+    as keywords (``method="rk4", steps=8``), alone or replacing fields of ``settings`` (a misspelt
+    one is a ``TypeError``). path: the probability path the velocity was trained on; it decides
     the prior (see :func:`prior_std`); None means ``N(0, I)``.
 
-    divergence: "exact" | "hutchinson" | "auto" (exact when ``D <= 16``). For Hutchinson,
-    ``probes`` ``(K, B, ...)`` if given, else ``n_probes`` of kind ``probe`` drawn from
-    ``generator`` with :func:`draw_probes`; the same probes serve the whole trajectory.
-
-    method / steps / atol / rtol: as :func:`flowmatch.flow.solvers.solve_ode`, integrating backwards
-    from ``t = 1`` to ``t = 0`` (``steps`` for fixed-step methods; adaptive ones use atol / rtol on
-    the augmented state ``[x, delta]``).
+    Hutchinson probes: ``probes`` ``(K, B, ...)`` if given, else ``settings.n_probes`` of kind
+    ``settings.probe`` drawn from ``generator``; the same probes serve the whole trajectory. The
+    solve runs backwards from ``t = 1`` to ``t = 0``.
 
     Gradients: each velocity evaluation runs under ``torch.enable_grad()`` on a detached copy of
     the state (needed for the divergence); nothing is differentiable across steps and the returned
     tensors carry no graph.
     """
+    if settings is None:
+        settings = LikelihoodSettings(**options)
+    elif options:
+        settings = replace(settings, **options)
     B, D = x1.shape[0], x1[0].numel()
-    kind = _resolve_divergence(divergence, D)
-    s = prior_std(path, allow_approximate_prior)
+    kind = resolve_divergence(settings.divergence, D)
+    s = prior_std(path, settings.allow_approximate_prior)
     if kind == "hutchinson":
         if probes is None:
-            probes = draw_probes(n_probes, x1, probe, generator)
+            probes = draw_probes(settings.n_probes, x1, settings.probe, generator)
         if probes.ndim != x1.ndim + 1 or tuple(probes.shape[1:]) != tuple(x1.shape):
             raise ValueError(f"probes must be (K, *x1.shape) = (K, {', '.join(map(str, x1.shape))}), "
                              f"got {tuple(probes.shape)}")
@@ -283,8 +313,8 @@ def log_likelihood(
 
     z1 = torch.cat([x1.detach().reshape(B, D), x1.new_zeros(B, 1)], dim=1)  # delta(1) = 0
     with torch.no_grad():
-        res = solve_ode(augmented, z1, method=method, steps=steps, t0=1.0, t1=0.0,
-                        atol=atol, rtol=rtol)
+        res = solve_ode(augmented, z1, method=settings.method, steps=settings.steps, t0=1.0, t1=0.0,
+                        atol=settings.atol, rtol=settings.rtol)
     x0, delta = res.x[:, :D], res.x[:, D]  # delta(0) = -int_0^1 div v dt
     log_prior = -0.5 * (x0 / s).pow(2).sum(dim=1) - D * (math.log(s) + 0.5 * math.log(2 * math.pi))
     return LikelihoodResult(log_p=log_prior + delta, log_prior=log_prior, delta=delta,
@@ -354,203 +384,14 @@ def bits_per_dim(log_p: Tensor, dim: int, levels: int | None = None) -> Tensor:
     return bpd
 
 
-# ----------------------------------------------------------------------------------------------
-# A trained run: the data, the model, the numbers
-# ----------------------------------------------------------------------------------------------
+def __getattr__(name: str):
+    # evaluate_nll, the `eval nll` job, moved to flowmatch.evaluation.nll: it loads runs and data,
+    # which this module (the math) should not. Imported lazily, as the very same function.
+    if name == "evaluate_nll":
+        warnings.warn("flowmatch.evaluation.likelihood.evaluate_nll moved to "
+                      "flowmatch.evaluation.nll.evaluate_nll; import it from there",
+                      DeprecationWarning, stacklevel=2)
+        from flowmatch.evaluation.nll import evaluate_nll
 
-
-def _per_sample_draws(indices: list[int], seed: int, shape: tuple[int, ...], dequant: bool,
-                      n_probes: int, probe: str) -> tuple[Tensor | None, Tensor | None]:
-    """Dequantisation noise ``(B, ...)`` and probes ``(K, B, ...)`` (float64, CPU), item ``i``'s drawn
-    from the seed ``sample_seed(seed, i)``: the numbers do not depend on the batch size."""
-    from flowmatch.flow.sampling import sample_seed
-
-    noise, probes = [], []
-    g = torch.Generator()
-    template = torch.empty(1, *shape, dtype=torch.float64)
-    for i in indices:
-        g.manual_seed(sample_seed(seed, int(i)))
-        if dequant:
-            noise.append(torch.rand(shape, generator=g, dtype=torch.float64))
-        if n_probes:
-            probes.append(draw_probes(n_probes, template, probe, g))  # (K, 1, ...)
-    return (torch.stack(noise) if dequant else None,
-            torch.cat(probes, dim=1) if n_probes else None)
-
-
-def _data_levels(dataset, sample: Tensor, mode: str) -> tuple[int | None, str]:
-    """(levels or None, a note on why) for the ``--dequantize`` mode."""
-    if mode not in DEQUANTIZE_MODES:
-        raise ValueError(f"unknown dequantize mode {mode!r}; valid: {', '.join(DEQUANTIZE_MODES)}")
-    if mode == "none":
-        return None, "continuous density, no dequantisation (asked for)"
-    if mode == "8bit":
-        return 256, "8-bit data, uniform dequantisation (asked for)"
-    kind = getattr(dataset, "kind", "")
-    on_grid = True
-    try:
-        dequantize(sample, 256, noise=torch.zeros(sample.shape, dtype=torch.float64))
-    except ValueError:
-        on_grid = False
-    if kind == "image" and on_grid:
-        return 256, "8-bit image data, uniform dequantisation"
-    why = {"vector": "vector data", "latent": "latent codes (density in latent space, not pixels)"}
-    reason = why.get(kind, "image values not on the 8-bit grid (e.g. the digits: 0..16 ink, resized)"
-                     if kind == "image" else f"data kind {kind!r}")
-    return None, f"continuous density, no dequantisation: {reason}; not comparable to discrete bits/dim"
-
-
-def evaluate_nll(
-    checkpoint: str | Path,
-    *,
-    n: int = 512,
-    data_params: dict | None = None,
-    divergence: str = "auto",
-    probe: str = "rademacher",
-    n_probes: int = 1,
-    method: str | None = None,
-    steps: int | None = None,
-    atol: float = 1e-5,
-    rtol: float = 1e-5,
-    batch_size: int = 256,
-    seed: int = 0,
-    use_ema: bool = True,
-    device: str | torch.device = "cpu",
-    dequantize_mode: str = "auto",
-    allow_approximate_prior: bool = False,
-) -> dict:
-    """Negative log-likelihood of a run's data under its trained flow; the ``flowmatch eval nll`` body.
-
-    checkpoint: run directory or checkpoint file. The data set is the run's own
-    (``cfg.data.kind`` and ``cfg.data.params``), with ``data_params`` replacing single entries
-    (e.g. ``{"split": "test"}``). ``n`` items are picked at random (seeded by ``seed``; all of them
-    if the set is smaller). Class-conditional models are scored with the items' labels: the result
-    is the conditional ``log p(x | y)``. Latent stores are scored in latent space.
-
-    dequantize_mode: "8bit" (uniform dequantisation, bits/dim of the discrete data, a bound),
-    "none" (the continuous density of the stored values), "auto" (8bit for image data on the 8-bit
-    grid, i.e. image folders; none otherwise — the digits are 0..16 ink resized bicubically and
-    clamped, not 8-bit, with many pixels exactly at -1, so their continuous "likelihood" is a
-    density at an edge of the data and grows without bound as a model sharpens: compare runs only
-    with one another). Dequantisation noise and probes for item ``i`` are seeded by ``(seed, i)``.
-
-    Returns a JSON-ready dict: nll_nats (mean of ``-log p``), nll_nats_stderr, bits_per_dim,
-    bits_per_dim_stderr, n, dim, nfe (network evaluations per batch: max over batches), backward
-    passes likewise, the settings, and a note on the dequantisation.
-    """
-    import time
-
-    from flowmatch.checkpoint import find_checkpoint
-    from flowmatch.config import ConfigError
-    from flowmatch.data import build_dataset
-    from flowmatch.flow.paths import build_path
-    from flowmatch.training import model_from_checkpoint
-
-    if n < 1:
-        raise ConfigError("--n: must be >= 1")
-    if batch_size < 1:
-        raise ConfigError("--batch-size: must be >= 1")
-    if n_probes < 1:
-        raise ConfigError("--probes: must be >= 1")
-    if probe not in PROBES:
-        raise ValueError(f"unknown probe {probe!r}; valid probes: {', '.join(PROBES)}")
-    if dequantize_mode not in DEQUANTIZE_MODES:
-        raise ValueError(f"unknown dequantize mode {dequantize_mode!r}; valid: {', '.join(DEQUANTIZE_MODES)}")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; valid: {', '.join(DIVERGENCES)}")
-    method = method or ("rk4" if steps is not None else default_method())
-    if method not in ADAPTIVE_METHODS and steps is None:
-        steps = 32
-    file = find_checkpoint(checkpoint)
-    model, cfg, state = model_from_checkpoint(file, use_ema=use_ema, device=device)
-    model.requires_grad_(False)  # our own copy: gradients w.r.t. x only (~35% faster backward passes)
-    path = build_path(cfg.path.scheduler, **cfg.path.params)
-    s = prior_std(path, allow_approximate_prior)  # refuse early, before touching the data
-
-    params = {**cfg.data.params, **(data_params or {})}
-    try:
-        dataset = build_dataset(cfg.data.kind, **params)
-    except TypeError as e:  # a data parameter this kind of data set does not take
-        raise ConfigError(f"data: {cfg.data.kind} data set: {e}") from None
-    conditional = bool(getattr(model, "num_classes", 0))
-    if conditional and not getattr(dataset, "num_classes", 0):
-        raise ValueError("this model is class-conditional but the data set has no labels: "
-                         "log p(x | y) needs them")
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    indices = order[: min(n, len(dataset))].sort().values.tolist()
-    data_shape = tuple(state["data_shape"])
-    D = math.prod(data_shape)
-    kind = _resolve_divergence(divergence, D)
-
-    def item(i: int) -> tuple[Tensor, int]:
-        x, y = dataset[i]
-        x = torch.as_tensor(x)
-        if getattr(dataset, "posterior", False):  # latent [mean, std] layout: score the mean
-            x = x[: data_shape[0]]
-        return x, int(y)
-
-    first = item(indices[0])[0]
-    if tuple(first.shape) != data_shape:
-        raise ValueError(f"data items have shape {tuple(first.shape)} but the model was trained on "
-                         f"{data_shape}")
-    levels, note = None, ""
-    start = time.perf_counter()
-    log_ps, nfe, backward = [], 0, 0
-    for b in range(0, len(indices), batch_size):
-        idx = indices[b: b + batch_size]
-        xs, ys = zip(*(item(i) for i in idx))
-        x = torch.stack(xs)  # (B, ...) as the data set gives it
-        if b == 0:
-            levels, note = _data_levels(dataset, x, dequantize_mode)
-        noise, probes = _per_sample_draws(idx, seed, data_shape, levels is not None,
-                                          n_probes if kind == "hutchinson" else 0, probe)
-        if levels is not None:
-            x = dequantize(x, levels, noise=noise)
-        x = x.to(device)
-        y = torch.tensor(ys, device=device) if conditional else None
-
-        def velocity(x_t: Tensor, t: Tensor, y=y) -> Tensor:
-            return model(x_t, t, y)
-
-        res = log_likelihood(velocity, x, path=path, allow_approximate_prior=allow_approximate_prior,
-                             divergence=kind, probes=probes, method=method, steps=steps,
-                             atol=atol, rtol=rtol)
-        log_ps.append(res.log_p.double().cpu())
-        nfe, backward = max(nfe, res.nfe), max(backward, res.backward_passes)
-    log_p = torch.cat(log_ps)  # (n,)
-    if not bool(torch.isfinite(log_p).all()):
-        raise ValueError("non-finite log-likelihood (a diverging solve?); try a fixed-step method "
-                         "with more --steps, or tighter --atol/--rtol")
-    bpd = bits_per_dim(log_p, D, levels)
-    m = len(log_p)
-
-    def stderr(v: Tensor) -> float | None:
-        return float(v.std() / math.sqrt(m)) if m > 1 else None  # None: JSON has no nan
-
-    return {
-        "nll_nats": float(-log_p.mean()),
-        "nll_nats_stderr": stderr(log_p),
-        "bits_per_dim": float(bpd.mean()),
-        "bits_per_dim_stderr": stderr(bpd),
-        "n": m,
-        "dim": D,
-        "nfe": nfe,
-        "backward_passes": backward,
-        "divergence": kind,
-        "probe": probe if kind == "hutchinson" else None,
-        "probes": n_probes if kind == "hutchinson" else None,
-        "method": method,
-        "steps": None if method in ADAPTIVE_METHODS else steps,
-        "atol": atol if method in ADAPTIVE_METHODS else None,
-        "rtol": rtol if method in ADAPTIVE_METHODS else None,
-        "dequantize": "8bit" if levels == 256 else ("none" if levels is None else f"{levels} levels"),
-        "note": note,
-        "prior": "N(0, I)" if s == 1.0 else f"N(0, {s:.6g}^2 I) (approximate: alpha_0 != 0)",
-        "conditional": conditional,
-        "checkpoint": str(file),
-        "step": int(state.get("step", -1)),
-        "ema": use_ema,
-        "seed": seed,
-        "data": {"kind": cfg.data.kind, **params},
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+        return evaluate_nll
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

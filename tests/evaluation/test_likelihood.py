@@ -1,15 +1,15 @@
 """Likelihood by the instantaneous change of variables: closed-form Gaussian flows, the sign, the
-Hutchinson estimator's bias, bits/dim of dequantised data, the t=0 prior check, and the CLI."""
+Hutchinson estimator's bias, bits/dim of dequantised data, the t=0 prior check, the settings.
+(The job on a trained run, ``eval nll``: tests/evaluation/test_nll.py.)"""
 
-import json
 import math
-from pathlib import Path
+import warnings
 
 import pytest
 import torch
 
-from flowmatch.cli import main
 from flowmatch.evaluation.likelihood import (
+    LikelihoodSettings,
     bits_per_dim,
     dequantize,
     draw_probes,
@@ -24,8 +24,6 @@ from flowmatch.flow.paths import (
     gaussian_marginal_velocity,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-TOY = str(ROOT / "configs" / "toy2d.yaml")
 F64 = torch.float64
 
 
@@ -202,80 +200,43 @@ def test_vp_path_is_refused_unless_the_approximation_is_asked_for():
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. The command line on a tiny trained toy run
+# 5. Settings
 # ----------------------------------------------------------------------------------------------
 
 
-def _train_toy(root, *extra):
-    args = [TOY, f"out_dir={root}", "train.steps=4", "train.batch_size=32", "data.n=300",
-            "model.hidden=16", "model.depth=1", "train.log_every=2", "train.sample_every=0",
-            "train.save_every=4", "sample.steps=2", "sample.n=16", "device=cpu", *extra]
-    assert main(["train", *args, "--no-progress"]) == 0
-    return root
+def test_settings_object_and_keywords_give_the_same_numbers():
+    path = build_path("linear")
+    velocity, _, data = rotated_gaussian(path, 3, seed=4)
+    x1 = data(6)
+    kw = {"divergence": "hutchinson", "probe": "gaussian", "n_probes": 3, "method": "rk4", "steps": 5}
+    by_keywords = log_likelihood(velocity, x1, path=path, generator=torch.Generator().manual_seed(0), **kw)
+    settings = LikelihoodSettings(**kw)
+    by_settings = log_likelihood(velocity, x1, settings, path=path,
+                                 generator=torch.Generator().manual_seed(0))
+    assert torch.equal(by_keywords.log_p, by_settings.log_p) and by_settings.nfe == 20
+    # keywords next to a settings object replace its fields; the object itself is untouched
+    exact = log_likelihood(velocity, x1, settings, path=path, divergence="exact", steps=2)
+    assert exact.divergence == "exact" and exact.nfe == 8 and settings.steps == 5
+    assert exact.backward_passes == 3 * exact.nfe
 
 
-@pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
-    return _train_toy(tmp_path_factory.mktemp("nll") / "run")
+def test_settings_refuse_bad_names_when_built():
+    with pytest.raises(ValueError, match="unknown divergence 'trace'"):
+        LikelihoodSettings(divergence="trace")
+    with pytest.raises(ValueError, match="unknown probe 'uniform'"):
+        LikelihoodSettings(divergence="exact", probe="uniform")  # checked even where unused
+    with pytest.raises(TypeError, match="n_probe"):
+        log_likelihood(lambda x, t: x, torch.zeros(1, 2), n_probe=3)
 
 
-def test_cli_nll_end_to_end(toy_run, tmp_path, capsys):
-    assert main(["eval", "nll", str(toy_run), "--n", "64", "--device", "cpu"]) == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res == json.loads((toy_run / "nll.json").read_text())
-    for key in ("nll_nats", "nll_nats_stderr", "bits_per_dim", "bits_per_dim_stderr"):
-        assert math.isfinite(res[key]), key
-    assert res["n"] == 64 and res["dim"] == 2 and res["divergence"] == "exact"
-    assert res["method"] == "dopri5" and res["nfe"] > 0 and res["backward_passes"] == 2 * res["nfe"]
-    assert res["dequantize"] == "none" and "vector data" in res["note"]
-    assert res["bits_per_dim"] == pytest.approx(res["nll_nats"] / (2 * math.log(2)))
-    # Hutchinson, fixed steps, another data draw, a checkpoint file, --out; agrees with exact to
-    # within its noise (rk4 is accurate enough on this nearly untrained, smooth MLP).
-    out = tmp_path / "h.json"
-    assert main(["eval", "nll", str(toy_run / "checkpoints" / "latest.pt"), "--n", "64",
-                 "--divergence", "hutchinson", "--probes", "4", "--probe", "gaussian",
-                 "--method", "rk4", "--steps", "8", "--data", "seed=1", "--out", str(out),
-                 "--batch-size", "32", "--device", "cpu"]) == 0
-    h = json.loads(out.read_text())
-    assert h["divergence"] == "hutchinson" and h["nfe"] == 32 and h["backward_passes"] == 128
-    assert h["data"]["seed"] == 1 and h["steps"] == 8 and h["probes"] == 4
-    assert abs(h["nll_nats"] - res["nll_nats"]) < 0.5  # same distribution, other points
+def test_evaluate_nll_moved_but_still_importable():
+    from flowmatch.evaluation import likelihood
+    from flowmatch.evaluation.nll import evaluate_nll
 
-
-def test_cli_nll_bad_input_exits_2(toy_run, tmp_path, capsys):
-    run = str(toy_run)
-    assert main(["eval", "nll", run, "--n", "4", "--divergence", "trace", "--device", "cpu"]) == 2
-    assert "divergence" in capsys.readouterr().err
-    assert main(["eval", "nll", run, "--n", "4", "--split", "test", "--device", "cpu"]) == 2
-    assert "split" in capsys.readouterr().err
-    assert main(["eval", "nll", run, "--n", "4", "--dequantize", "8bit", "--device", "cpu"]) == 2
-    assert "not quantised" in capsys.readouterr().err
-    vp_run = _train_toy(tmp_path / "vp", "path.scheduler=vp")
-    assert main(["eval", "nll", str(vp_run), "--n", "4", "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and "t=0" in err and len(err.strip().splitlines()) == 1
-    assert main(["eval", "nll", str(vp_run), "--n", "4", "--method", "rk4", "--steps", "4",
-                 "--allow-approximate-prior", "--device", "cpu"]) == 0
-    assert "approximate" in json.loads((vp_run / "nll.json").read_text())["prior"]
-
-
-def test_auto_dequantization_follows_the_data(tmp_path):
-    from PIL import Image
-
-    from flowmatch.data import ImageFolder
-    from flowmatch.evaluation.likelihood import _data_levels
-
-    g = torch.Generator().manual_seed(0)
-    for i in range(2):
-        pixels = torch.randint(0, 256, (6, 6, 3), generator=g, dtype=torch.uint8).numpy()
-        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
-    folder = ImageFolder(tmp_path, image_size=4)  # resized by Pillow: still 8-bit values
-    x = torch.stack([folder[i][0] for i in range(2)])
-    assert _data_levels(folder, x, "auto")[0] == 256
-    assert _data_levels(folder, x, "none")[0] is None
-
-    class Resized:  # like the digits: image data whose values are not on the 8-bit grid
-        kind = "image"
-
-    levels, note = _data_levels(Resized(), torch.tensor([[0.1234, -1.0]]), "auto")
-    assert levels is None and "not comparable" in note
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert likelihood.evaluate_nll is evaluate_nll
+    assert any(issubclass(w.category, DeprecationWarning) and "flowmatch.evaluation.nll" in str(w.message)
+               for w in caught)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        likelihood.no_such_name  # noqa: B018
