@@ -75,14 +75,8 @@ from _common import ADAPTIVE, Trained, Variant
 from flowmatch.config import load_config
 from flowmatch.data import build_dataset
 from flowmatch.data.digits import Digits
-from flowmatch.evaluation.fid import (
-    FeatureStats,
-    build_extractor,
-    features_of,
-    frechet_distance,
-    precision_recall,
-    train_digit_classifier,
-)
+from flowmatch.evaluation.features import build_extractor, features_of, train_digit_classifier
+from flowmatch.evaluation.frechet import FeatureStats, frechet_distance, precision_recall
 from flowmatch.flow.paths import build_path
 from flowmatch.flow.sampling import generate, seeded_noise
 from flowmatch.models import count_parameters

@@ -1,6 +1,5 @@
-"""Image and plot writers: pixel conversion, grid arithmetic, files Pillow can read back."""
-
-import math
+"""Image I/O: pixel conversion, grid arithmetic, files Pillow can read back; the plot names that
+moved to flowmatch.plots still resolve, with a warning."""
 
 import numpy as np
 import pytest
@@ -12,8 +11,6 @@ from flowmatch.imageio import (
     make_grid,
     save_image_grid,
     save_images,
-    save_line_plot,
-    save_scatter,
     to_uint8,
 )
 
@@ -79,61 +76,24 @@ def test_save_images_named_by_index(tmp_path):
         assert image.size == (5, 4)
 
 
-def _ink_fraction(path) -> float:
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.int64)
-    return float((array.sum(axis=2) < 600).mean())  # pixels clearly darker than white
+def test_open_image_composites_transparency_on_white_and_reads_grey(tmp_path):
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)  # opaque red; the rest transparent black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    x = load_image(tmp_path / "a.png")
+    assert x.shape == (3, 2, 2)
+    assert x[:, 0, 0].tolist() == [1.0, -1.0, -1.0] and bool((x[:, 1, 1] == 1.0).all())
+    assert load_image(tmp_path / "a.png", channels=1).shape == (1, 2, 2)
+    with pytest.raises(ValueError, match="channels must be 1 or 3"):
+        load_image(tmp_path / "a.png", channels=4)
 
 
-def _has_colour(path, colour, tol=40) -> bool:
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.int64)
-    return bool((np.abs(array - np.array(colour)).max(axis=2) < tol).any())
+def test_plot_names_moved_to_plots_still_resolve_with_a_warning():
+    import flowmatch.imageio as imageio
+    from flowmatch import plots
 
-
-def test_scatter(tmp_path):
-    gen = torch.Generator().manual_seed(0)
-    points, ref = torch.randn(2000, 2, generator=gen), torch.randn(2000, 2, generator=gen) + 3
-    path = save_scatter(points, tmp_path / "plots" / "s.png", ref=ref, size=300)
-    with Image.open(path) as image:
-        assert image.size == (300, 300)
-    assert _ink_fraction(path) > 0.02
-    assert _has_colour(path, (213, 94, 0)) and _has_colour(path, (0, 114, 178))
-    # Fixed limits that exclude every point leave only the frame: much less ink.
-    empty = save_scatter(points + 100, tmp_path / "e.png", lim=2.0, size=300)
-    assert _ink_fraction(empty) < _ink_fraction(path) / 2
-    assert not _has_colour(empty, (213, 94, 0), tol=20)
-
-
-def test_scatter_dots_land_where_the_data_are(tmp_path):
-    # All points in the top-right quadrant of the [-1, 1]^2 box.
-    points = torch.rand(500, 2) * 0.8 + 0.1
-    path = save_scatter(points, tmp_path / "q.png", lim=(-1, 1, -1, 1), size=256)
-    with Image.open(path) as image:
-        array = np.asarray(image, dtype=np.int64)
-    orange = (np.abs(array - np.array([213, 94, 0])).max(axis=2) < 80)
-    rows, cols = np.nonzero(orange)
-    assert len(rows) > 0
-    assert cols.min() > 256 // 2 and rows.max() < 256 // 2  # right half, upper half
-
-
-def test_line_plot(tmp_path):
-    xs = list(range(5000))  # longer than the downsampling threshold
-    ys = [1.0 + math.exp(-i / 500) for i in xs]
-    series = {"loss": (xs, ys), "single": ([10], [1.5])}
-    path = save_line_plot(series, tmp_path / "l.png", title="loss")
-    with Image.open(path) as image:
-        assert image.size == (640, 400)
-    assert _has_colour(path, (0, 114, 178), tol=10)  # first series' line
-    assert _has_colour(path, (213, 94, 0), tol=10)  # the one-point series' dot / legend
-    blank = save_line_plot({}, tmp_path / "blank.png")
-    assert _ink_fraction(path) > _ink_fraction(blank)
-
-
-def test_line_plot_log_and_single_point(tmp_path):
-    path = save_line_plot({"loss": ([0], [0.3])}, tmp_path / "one.png", logy=True, size=(320, 200))
-    with Image.open(path) as image:
-        assert image.size == (320, 200)
-    assert _has_colour(path, (0, 114, 178), tol=10)
-    path = save_line_plot({"loss": ([1, 2, 3], [10.0, 1.0, 0.01])}, tmp_path / "log.png", logy=True)
-    assert _has_colour(path, (0, 114, 178), tol=10)
+    for name in ("save_scatter", "save_line_plot"):
+        with pytest.warns(DeprecationWarning, match=f"flowmatch.plots.{name}"):
+            assert getattr(imageio, name) is getattr(plots, name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        imageio.nope  # noqa: B018

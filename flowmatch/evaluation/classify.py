@@ -17,19 +17,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from flowmatch.evaluation.fid import DigitClassifier, _name_of, _write_json
+from flowmatch.atomic import atomic_write_json
+from flowmatch.evaluation.features import DigitClassifier, extractor_name, load_digit_classifier
 
 __all__ = ["classifier_accuracy", "load_digit_classifier"]
 
 _SAMPLE = re.compile(r"^(\d{6})\.png$")
-
-
-def load_digit_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> DigitClassifier:
-    """A ``DigitClassifier`` saved by ``train_digit_classifier`` (eval mode, on ``device``)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = DigitClassifier(checkpoint["image_size"], checkpoint["feature_dim"])
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval().to(device)
 
 
 def _expected_labels(manifest: dict, indices: list[int], where: Path) -> list[int]:
@@ -92,7 +85,7 @@ def classifier_accuracy(samples_dir: str | os.PathLike,
     if isinstance(classifier, (str, os.PathLike)):
         classifier = load_digit_classifier(classifier, device)
     is_digits = isinstance(classifier, DigitClassifier)
-    name = "digits" if is_digits else _name_of(classifier)
+    name = "digits" if is_digits else extractor_name(classifier)
     channels = 1 if is_digits else getattr(classifier, "channels", 3)
     if isinstance(classifier, torch.nn.Module):
         classifier.eval()
@@ -123,5 +116,5 @@ def classifier_accuracy(samples_dir: str | os.PathLike,
               "classifier": name, "image_size": image_size, "samples": str(samples_dir.resolve()),
               "manifest": manifest}
     if write_json:
-        _write_json(samples_dir / f"classifier_{name}.json", result)
+        atomic_write_json(samples_dir / f"classifier_{name}.json", result, indent=2)
     return result

@@ -12,11 +12,7 @@ import pytest
 import torch
 
 from flowmatch.cli import main
-from flowmatch.evaluation import (
-    classifier_accuracy,
-    load_digit_classifier,
-    train_digit_classifier,
-)
+from flowmatch.evaluation import classifier_accuracy, load_digit_classifier
 from flowmatch.evaluation.generate import _prepare_folder
 from flowmatch.imageio import save_images
 
@@ -26,12 +22,13 @@ PER_CLASS = 12
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A digit classifier and folders of real test digits whose index % 10 is their class."""
+def setup(tmp_path_factory, digit_classifier):
+    """A digit classifier (root/clf.pt) and folders of real test digits whose index % 10 is their class."""
     from flowmatch.data.digits import Digits
 
     root = tmp_path_factory.mktemp("acc")
-    info = train_digit_classifier(root / "clf.pt", image_size=16, steps=150, seed=0)
+    (root / "clf.pt").write_bytes(digit_classifier[0].read_bytes())
+    info = digit_classifier[1]
     test = Digits(16, "test")
     by_class = [torch.nonzero(test.labels == c).flatten()[:PER_CLASS] for c in range(10)]
     order = torch.stack(by_class, dim=1).flatten()  # index j * 10 + c holds a digit c
