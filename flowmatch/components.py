@@ -1,28 +1,106 @@
-"""The pieces a config names, built: the network and the latent-decoding facts of a data set.
+"""The pieces a config names, checked and built: the resolved config, the network, the latent facts.
 
 Above the registries (models, data, the flow math, the autoencoder), below the run object, the
 training loop and evaluation: everything that turns a :class:`~flowmatch.config.Config` into
 objects goes through here, so each rule (e.g. "an unconditional model gets 0 classes") is written
 once.
+
+A config from :func:`flowmatch.config.load_config` has passed the schema; :func:`resolve_config`
+hands each tagged section to its registry (which checks its own arguments and fills in defaults)
+and builds the cheap pieces once, so every mistake stops before any work starts, as one
+:class:`~flowmatch.config.ConfigError` line naming the dotted key. :func:`load_experiment` does
+both: it is what a run (the CLI, the trainer, benchmarks) loads a YAML file with.
 """
 
 from __future__ import annotations
 
+import copy
+import re
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from flowmatch.config import Config, ConfigError
+from flowmatch.config import Config, ConfigError, config_from_dict, load_config
+from flowmatch.data import DATASET_KINDS
+from flowmatch.flow.coupling import COUPLINGS
+from flowmatch.flow.paths import SCHEDULERS
+from flowmatch.flow.sampling import resolve_settings
+from flowmatch.flow.time_samplers import TIME_SAMPLERS, build_time_sampler
 from flowmatch.models import MODEL_REGISTRY, build_model
+from flowmatch.registry import config_errors
 
-__all__ = ["build_model_from_config", "latent_info", "load_autoencoder_for"]
+__all__ = [
+    "REGISTRIES",
+    "build_model_from_config",
+    "experiment_from_dict",
+    "latent_info",
+    "load_autoencoder_for",
+    "load_experiment",
+    "resolve_config",
+]
+
+#: The registry behind each tagged config section; each knows its section ("train.coupling") and
+#: the key that names the choice ("name").
+REGISTRIES = (DATASET_KINDS, MODEL_REGISTRY, SCHEDULERS, TIME_SAMPLERS, COUPLINGS)
+
+
+def _section(cfg: Config, dotted: str):
+    """``cfg.train.coupling`` for ``"train.coupling"``."""
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_pieces(cfg: Config) -> None:
+    """Build what is cheap to build (no data, no network) once and drop it: the pieces' own
+    constructors are the one place their values are checked (e.g. Sinkhorn's ``reg > 0``)."""
+    MODEL_REGISTRY.build(cfg.model.arch, cfg.model.params)  # the architecture's config dataclass
+    SCHEDULERS.build(cfg.path.scheduler, cfg.path.params)
+    ts = cfg.train.time_sampler
+    with config_errors(TIME_SAMPLERS.section, [*ts.params, "shift"]):
+        build_time_sampler(ts.name, shift=ts.shift, **ts.params)
+    COUPLINGS.build(cfg.train.coupling.name, cfg.train.coupling.params)
+    try:
+        resolve_settings(cfg.sample)
+    except ValueError as e:  # "steps: must be >= 1" -> "sample.steps: must be >= 1"
+        msg = str(e)
+        raise ConfigError(f"sample.{msg}" if re.match(r"^\w+: ", msg) else f"sample: {msg}") from None
+
+
+def resolve_config(cfg: Config) -> Config:
+    """``cfg`` resolved: a copy whose tagged sections' ``params`` are checked by their registries
+    with every default filled in, and whose pieces (model config, path, time sampler, coupling,
+    sampler settings) have been built once to surface impossible values.
+
+    Raises ConfigError naming the dotted key, before any work: the data is not opened and no
+    network is built. Idempotent; ``cfg`` itself is not changed. A resolved config is what the run
+    directory's ``config.yaml`` and every checkpoint store."""
+    cfg = copy.deepcopy(cfg)
+    for registry in REGISTRIES:
+        section = _section(cfg, registry.section)
+        section.params = registry.resolve(getattr(section, registry.tag), section.params)
+    _check_pieces(cfg)
+    return cfg
+
+
+def experiment_from_dict(raw: dict) -> Config:
+    """A resolved :class:`Config` from a (YAML-shaped) mapping, e.g. the one a checkpoint stores."""
+    return resolve_config(config_from_dict(raw))
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """A YAML experiment file (or the defaults) with ``key=value`` overrides, checked against the
+    schema and resolved by the registries: the config a run starts from."""
+    return resolve_config(load_config(path, overrides))
 
 
 def build_model_from_config(cfg: Config, data_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The network a config describes, for data of ``data_shape`` with ``num_classes`` labels."""
     if cfg.model.class_cond and num_classes < 1:
         raise ConfigError("model.class_cond: the data set has no labels (num_classes is 0)")
-    cfg_cls, _ = MODEL_REGISTRY[cfg.model.arch]
-    arch_cfg = cfg_cls(**cfg.model.params)
+    arch_cfg = MODEL_REGISTRY.build(cfg.model.arch, cfg.model.params)
     return build_model(cfg.model.arch, arch_cfg, tuple(data_shape),
                        num_classes if cfg.model.class_cond else 0)
 

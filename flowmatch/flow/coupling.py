@@ -34,6 +34,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from flowmatch.registry import Registry
+
 __all__ = [
     "squared_distances",
     "exact_assignment",
@@ -244,7 +246,7 @@ class SinkhornCoupling:
 
     def __post_init__(self) -> None:
         if not self.reg > 0:
-            raise ValueError(f"reg must be > 0, got {self.reg}")
+            raise ValueError(f"reg must be > 0 (a fraction of the mean pair cost), got {self.reg}")
         if self.iters < 1:
             raise ValueError(f"iters must be >= 1, got {self.iters}")
         if not self.tol > 0:
@@ -260,11 +262,13 @@ class SinkhornCoupling:
         return within_classes(self.pairing, x0, x1, labels)
 
 
-COUPLINGS: dict[str, Callable[..., Callable[..., Tensor]]] = {
+#: The registry behind the config's ``train.coupling`` section: name -> coupling class, whose
+#: constructor is the one place its arguments are checked (e.g. Sinkhorn's ``reg > 0``).
+COUPLINGS = Registry("train.coupling", "name", {
     "none": NoCoupling,
     "exact": ExactCoupling,
     "sinkhorn": SinkhornCoupling,
-}
+})
 
 
 def build_coupling(name: str, **params) -> Callable[..., Tensor]:

@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from flowmatch.registry import Registry
+
 __all__ = [
     "SchedulerOutput",
     "LinearScheduler",
@@ -148,11 +150,13 @@ class VPScheduler:
         return SchedulerOutput(alpha_t, sigma_t, d_alpha_t, d_sigma_t)
 
 
-SCHEDULERS: dict[str, Callable[..., Callable[[Tensor], SchedulerOutput]]] = {
+#: The registry behind the config's ``path`` section: name -> scheduler class (its fields are the
+#: section's extra keys; its ``__post_init__`` checks them).
+SCHEDULERS = Registry("path", "scheduler", {
     "linear": LinearScheduler,
     "cosine": CosineScheduler,
     "vp": VPScheduler,
-}
+})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flowmatch.registry import Registry
+
 __all__ = [
     "GRIDS",
     "TIME_SAMPLERS",
@@ -112,10 +114,12 @@ class ShiftedTime:
         return shift_time(self.base(n, generator=generator, device=device), self.shift)
 
 
-TIME_SAMPLERS: dict[str, Callable[..., Callable[..., Tensor]]] = {
+#: The registry behind the config's ``train.time_sampler`` section (``shift`` is the section's own
+#: field, applied by :func:`build_time_sampler`).
+TIME_SAMPLERS = Registry("train.time_sampler", "name", {
     "uniform": UniformTime,
     "logit_normal": LogitNormalTime,
-}
+})
 
 
 def build_time_sampler(name: str, shift: float = 1.0, **params) -> Callable[..., Tensor]:

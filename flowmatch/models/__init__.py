@@ -8,6 +8,7 @@ It returns the velocity, shaped like ``x``. Conditional models (``num_classes > 
 unconditional models have ``model.null_class is None``.
 
 To add an architecture, add one entry to ``MODEL_REGISTRY``: ``name -> (ConfigClass, ModelClass)``.
+A YAML ``model:`` section's extra keys are checked against the config class's fields.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn as nn
 from flowmatch.models.dit import DIT_PRESETS, DiT, DiTConfig
 from flowmatch.models.mlp import MLP, MLPConfig
 from flowmatch.models.unet import UNet, UNetConfig
+from flowmatch.registry import Registry
 
 __all__ = [
     "MODEL_REGISTRY",
@@ -32,12 +34,12 @@ __all__ = [
 ]
 
 #: Architecture name -> (config dataclass, module class). The config class is the schema a YAML
-#: ``model:`` section is validated against.
-MODEL_REGISTRY: dict[str, tuple[type, type]] = {
+#: ``model:`` section is checked against (``MODEL_REGISTRY.build(arch, params)`` gives the config).
+MODEL_REGISTRY = Registry("model", "arch", {
     "mlp": (MLPConfig, MLP),
     "unet": (UNetConfig, UNet),
     "dit": (DiTConfig, DiT),
-}
+}, constructor=lambda entry: entry[0])
 
 
 def build_model(arch: str, cfg, data_shape: tuple[int, ...], num_classes: int = 0) -> nn.Module:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from train_fixtures import _InterruptAt, digits_cfg, toy_cfg, weights
 
-from flowmatch.config import ConfigError, config_from_dict
+from flowmatch.components import experiment_from_dict
+from flowmatch.config import ConfigError
 from flowmatch.data.toy2d import sample_toy2d
 from flowmatch.flow.coupling import (
     ExactCoupling,
@@ -166,12 +167,12 @@ def test_greedy_rounding():
 )
 def test_config_errors_name_the_key(coupling, key):
     with pytest.raises(ConfigError, match=key):
-        config_from_dict({"train": {"coupling": coupling}})
+        experiment_from_dict({"train": {"coupling": coupling}})
 
 
 def test_config_default_and_resolved_params():
-    assert config_from_dict({}).train.coupling.name == "none"
-    cp = config_from_dict({"train": {"coupling": {"name": "sinkhorn", "reg": 0.1}}}).train.coupling
+    assert experiment_from_dict({}).train.coupling.name == "none"
+    cp = experiment_from_dict({"train": {"coupling": {"name": "sinkhorn", "reg": 0.1}}}).train.coupling
     assert cp.params == {"reg": 0.1, "iters": 100, "tol": 1e-3}
 
 
