@@ -66,80 +66,53 @@ def run(args: argparse.Namespace) -> int:
 
     from flowmatch import distributed
     from flowmatch.config import ConfigError
-    from flowmatch.flow.paths import build_path
-    from flowmatch.flow.sampling import (
-        generate_with_settings,
-        resolve_settings,
-        seeded_noise,
-    )
-    from flowmatch.training import model_from_checkpoint
+    from flowmatch.run import Run
 
     if args.n < 1:
         raise ConfigError("--n: must be >= 1")
     if args.batch_size < 1:
         raise ConfigError("--batch-size: must be >= 1")
-    out = Path(args.out)
+    out, job = Path(args.out), sample_job(args)
     if out.suffix == "":  # a folder of PNGs: resumable, split over torchrun ranks
-        return _sample_folder(args, out)
-    _, device = distributed.init(args.device)
-    model, cfg, state = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema, device=device)
-    sc = cfg.sample
-    data_shape = tuple(state["data_shape"])
-    num_classes = int(state["num_classes"])
-    s = resolve_settings(sc, method=args.method, steps=args.steps, grid=args.grid,
-                         grid_shift=args.grid_shift, label=args.label, num_classes=num_classes,
-                         nfe=args.nfe, diffusion=args.diffusion, diffusion_norm=args.diffusion_norm)
-    method, steps = s.method, s.steps
-    path = build_path(cfg.path.scheduler, **cfg.path.params)
-    if args.cfg_scale != 1.0:
-        from flowmatch.flow.guidance import ClassifierFreeGuidance
-
-        model = ClassifierFreeGuidance(model, args.cfg_scale, tuple(args.cfg_interval))
-
-    chunks, nfe = [], 0
-    for start in range(0, args.n, args.batch_size):
-        idx = range(start, min(args.n, start + args.batch_size))
-        x0 = seeded_noise(idx, data_shape, seed=args.seed, device=device)
-        y = None
-        if num_classes:
-            ids = torch.tensor(list(idx), device=device)
-            y = torch.full_like(ids, args.label) if args.label is not None else ids % num_classes
-        res = generate_with_settings(model, x0, s, path=path, y=y, indices=list(idx), seed=args.seed,
-                                     atol=sc.atol, rtol=sc.rtol)
-        chunks.append(res.x.cpu())
-        nfe = max(nfe, res.nfe)
-    x = torch.cat(chunks)
-
-    latent = state.get("latent")
-    if latent and out.suffix != ".npy":
-        from flowmatch.training import load_autoencoder_for
-
-        autoencoder = load_autoencoder_for(latent, device=device, vae=args.vae)
-        x = autoencoder.decode(x.to(device), batch_size=args.batch_size).cpu()  # (n, 3, H, W)
+        return _sample_folder(args.checkpoint, out, job)
+    _, device = distributed.init(job.device)
+    run = Run.load(args.checkpoint, use_ema=job.use_ema, device=device)
+    settings = run.settings(job.solver, label=job.label)
+    batches = [res for _, res in run.sample_batches(range(job.n), settings, job)]
+    x = torch.cat([res.x.cpu() for res in batches])  # (n, *data_shape)
+    if run.is_latent and out.suffix != ".npy":
+        x = run.decode(x, vae=job.vae, batch_size=job.batch_size).cpu()  # (n, 3, H, W)
     # a grid shows one class a column when there are few classes and no --class
-    nrow = num_classes if num_classes and num_classes <= 16 and args.label is None else None
+    nrow = run.num_classes if run.num_classes and run.num_classes <= 16 and job.label is None else None
     write_samples(x, out, nrow=nrow)
     guided = ""
-    if hasattr(model, "network_evals"):  # guidance: a guided call runs the network twice
-        batches = -(-args.n // args.batch_size)
-        guided = f", {model.network_evals // batches} network passes with guidance w={args.cfg_scale}"
-    print(f"wrote {args.n} samples to {out} ({method}, {steps} steps, NFE {nfe} per sample{guided})")
+    if job.guidance.active:  # a guided call runs the network twice
+        passes = max(res.network_evals for res in batches)
+        guided = f", {passes} network passes with guidance w={job.guidance.scale}"
+    print(f"wrote {job.n} samples to {out} ({settings.method}, {settings.steps} steps, "
+          f"NFE {max(res.nfe for res in batches)} per sample{guided})")
     return EXIT_OK
 
 
-def _sample_folder(args: argparse.Namespace, out: Path) -> int:
+def sample_job(args: argparse.Namespace):
+    """The :class:`~flowmatch.run.SampleJob` the command line describes."""
+    from flowmatch.run import SampleJob
+
+    return SampleJob.from_options(
+        n=args.n, seed=args.seed, method=args.method, steps=args.steps, nfe=args.nfe, grid=args.grid,
+        grid_shift=args.grid_shift, diffusion=args.diffusion, diffusion_norm=args.diffusion_norm,
+        cfg_scale=args.cfg_scale, cfg_interval=tuple(args.cfg_interval), batch_size=args.batch_size,
+        label=args.label, use_ema=not args.no_ema, vae=args.vae, device=args.device,
+        progress=not args.no_progress)
+
+
+def _sample_folder(checkpoint: str, out: Path, job) -> int:
     """``--out DIR``: one PNG per sample index, resumable, the ranks of a torchrun job sharing it."""
     from flowmatch import distributed
     from flowmatch.evaluation import sample_to_folder
 
     try:
-        r = sample_to_folder(args.checkpoint, out, n=args.n, seed=args.seed, method=args.method,
-                             steps=args.steps, grid=args.grid, grid_shift=args.grid_shift,
-                             batch_size=args.batch_size, label=args.label,
-                             use_ema=not args.no_ema, vae=args.vae, device=args.device,
-                             progress=not args.no_progress, cfg_scale=args.cfg_scale,
-                             cfg_interval=tuple(args.cfg_interval), nfe=args.nfe,
-                             diffusion=args.diffusion, diffusion_norm=args.diffusion_norm)
+        r = sample_to_folder(checkpoint, out, job)
     finally:
         distributed.cleanup()
     distributed.print0(f"wrote {r['written']} samples to {out} ({r['skipped']} already there, "
