@@ -1,4 +1,4 @@
-"""Drawing samples from a trained velocity model: seeded noise -> ODE solve from t=0 to t=1.
+"""Drawing samples from a trained velocity model: seeded noise -> ODE (or SDE) solve from t=0 to t=1.
 
 One seed per sample: sample ``i`` of a job always starts from the noise drawn with seed
 ``(seed, i)``, so a set of samples does not depend on the batch size or on how many processes
@@ -7,19 +7,28 @@ produce it.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from flowmatch.flow.sde import DIFFUSIONS, solve_sde
+from flowmatch.flow.sde import DIFFUSIONS, Diffusion, solve_sde
+from flowmatch.flow.solver_registry import (
+    FIXED_STEP_NFE,
+    METHODS,
+    SDE_METHODS,
+    get_solver,
+    steps_for_nfe,
+)
 from flowmatch.flow.solvers import (
-    ADAPTIVE_METHODS,
-    FIXED_STEP_METHODS,
-    MIN_STEPS,
-    SOLVER_NAMES,
     ODEResult,
-    solve_ode,
+    SolverSpec,
+    check_keywords,
+    integrate,
+    time_dtype_for,
 )
 from flowmatch.flow.time_samplers import GRIDS, time_grid
 
@@ -27,7 +36,9 @@ __all__ = [
     "FIXED_STEP_NFE",
     "METHODS",
     "SDE_METHODS",
+    "SETTING_NAMES",
     "SampleSettings",
+    "as_velocity",
     "generate",
     "generate_with_settings",
     "resolve_settings",
@@ -36,15 +47,6 @@ __all__ = [
     "seeded_noise",
     "steps_for_nfe",
 ]
-
-# Stochastic samplers (flowmatch.flow.sde); they walk a time grid like the fixed-step ODE methods.
-SDE_METHODS: tuple[str, ...] = ("euler_maruyama",)
-# Every name a sampling method may have: the ODE solvers, then the SDE samplers.
-METHODS: tuple[str, ...] = SOLVER_NAMES + SDE_METHODS
-
-# Network evaluations per step of each grid-walking method (for budgeting; the solvers count exactly).
-FIXED_STEP_NFE = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 1, "dpm2m": 1, "euler_maruyama": 1}
-assert set(FIXED_STEP_NFE) == set(FIXED_STEP_METHODS) | set(SDE_METHODS)
 
 _SDE_STREAM = 0x5DE  # keeps the SDE's per-step noise apart from the initial noise of the same seed
 
@@ -83,12 +85,23 @@ def sde_noise(indices, shape: tuple[int, ...], seed: int, device: torch.device |
 
 @dataclass(frozen=True)
 class SampleSettings:
-    method: str
-    steps: int
-    grid: str
-    grid_shift: float
+    """How samples are drawn: the method (a name in ``METHODS``) over ``steps`` steps of the time grid
+    kind ``grid`` (``grid_shift``: the shifted grid's shift), the SDE's diffusion ``w(t)`` and scale,
+    and the adaptive methods' tolerances. The defaults are :class:`flowmatch.config.SampleConfig`'s."""
+
+    method: str = "heun"
+    steps: int = 25
+    grid: str = "uniform"
+    grid_shift: float = 1.0
     diffusion: str = "sigma"
     diffusion_norm: float = 1.0
+    atol: float = 1e-5
+    rtol: float = 1e-5
+
+    @property
+    def spec(self) -> SolverSpec:
+        """The method's record (ValueError for an unknown name)."""
+        return get_solver(self.method)
 
     @property
     def nfe(self) -> int | None:
@@ -96,48 +109,22 @@ class SampleSettings:
         per_step = FIXED_STEP_NFE.get(self.method)
         return None if per_step is None else per_step * self.steps
 
-
-def steps_for_nfe(method: str, nfe: int) -> int:
-    """The number of steps of ``method`` that costs exactly ``nfe`` network evaluations.
-
-    Raises ValueError for an adaptive method (it picks its own steps), an NFE below the method's
-    minimum (e.g. 1 for ``midpoint``, which needs 2 per step) or not a multiple of its cost per step.
-    """
-    if method in ADAPTIVE_METHODS:
-        raise ValueError(f"nfe: {method!r} is adaptive and chooses its own steps (use atol / rtol)")
-    if method not in FIXED_STEP_NFE:
-        raise ValueError(f"method: unknown solver {method!r} (valid: {', '.join(METHODS)})")
-    per_step = FIXED_STEP_NFE[method]
-    least = per_step * MIN_STEPS.get(method, 1)
-    if nfe < least:
-        raise ValueError(f"nfe: {method!r} needs at least {least} network evaluations ({per_step} per "
-                         f"step), got {nfe}")
-    if nfe % per_step:
-        raise ValueError(f"nfe: {method!r} costs {per_step} evaluations per step; {nfe} is not a multiple")
-    return nfe // per_step
+    def times(self, x0: torch.Tensor) -> torch.Tensor:
+        """The explicit time grid of a solve from the noise ``x0`` ``(B, ...)``, in the solver's time
+        dtype: ``time_grid(steps, grid, grid_shift)`` (made in ``x0``'s dtype, as samples always were)
+        for the grid-walking methods, the output times ``[0, 1]`` for an adaptive one."""
+        dtype = time_dtype_for(x0)
+        if self.spec.kind == "adaptive":
+            return torch.tensor([0.0, 1.0], device=x0.device, dtype=dtype)
+        g = time_grid(self.steps, kind=self.grid, shift=self.grid_shift, device=x0.device, dtype=x0.dtype)
+        return g.to(dtype)
 
 
-def resolve_settings(defaults, *, method: str | None = None, steps: int | None = None,
-                     grid: str | None = None, grid_shift: float | None = None,
-                     label: int | None = None, num_classes: int = 0, nfe: int | None = None,
-                     diffusion: str | None = None, diffusion_norm: float | None = None) -> SampleSettings:
-    """Solver settings: each given value, else the run's own (``defaults``: a config's ``sample``
-    section). ``nfe`` sets the steps from a budget of network evaluations (exclusive with ``steps``).
-    Raises ValueError naming the setting for an unknown solver, grid or diffusion, steps < 1, an NFE
-    the method cannot spend exactly, or a class label the model cannot take."""
-    method = method or defaults.method
-    if method not in METHODS:
-        raise ValueError(f"method: unknown solver {method!r} (valid: {', '.join(METHODS)})")
-    if nfe is not None:
-        if steps is not None:
-            raise ValueError("nfe: give steps or nfe, not both")
-        steps = steps_for_nfe(method, nfe)
-    s = SampleSettings(method, defaults.steps if steps is None else steps,
-                       grid or defaults.grid,
-                       float(defaults.grid_shift if grid_shift is None else grid_shift),
-                       diffusion or getattr(defaults, "diffusion", "sigma"),
-                       float(getattr(defaults, "diffusion_norm", 1.0) if diffusion_norm is None
-                             else diffusion_norm))
+SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SampleSettings))
+
+
+def _check_settings(s: SampleSettings) -> None:
+    """ValueError naming the first setting that is out of range (the method is checked before)."""
     if s.grid not in GRIDS:
         raise ValueError(f"grid: unknown grid {s.grid!r} (valid: {', '.join(GRIDS)})")
     if s.grid != "shifted" and s.grid_shift != 1.0:
@@ -148,6 +135,39 @@ def resolve_settings(defaults, *, method: str | None = None, steps: int | None =
         raise ValueError(f"diffusion: unknown diffusion {s.diffusion!r} (valid: {', '.join(DIFFUSIONS)})")
     if not s.diffusion_norm >= 0:
         raise ValueError("diffusion_norm: must be >= 0")
+    for name in ("atol", "rtol"):
+        if not getattr(s, name) > 0:
+            raise ValueError(f"{name}: must be > 0")
+
+
+def resolve_settings(defaults, *, label: int | None = None, num_classes: int = 0, nfe: int | None = None,
+                     **overrides) -> SampleSettings:
+    """Solver settings: each given value, else the run's own (``defaults``: a config's ``sample``
+    section, read for every field of :class:`SampleSettings`; a missing one takes the field's
+    default).
+
+    overrides: any :class:`SampleSettings` field (``method=``, ``steps=``, ``grid=``, ``grid_shift=``,
+    ``diffusion=``, ``diffusion_norm=``, ``atol=``, ``rtol=``); None (or an empty name) means not
+    given. ``nfe`` sets the steps from a budget of network evaluations (exclusive with ``steps``).
+    Raises ValueError naming the setting for an unknown solver, grid or diffusion, steps < 1, an NFE
+    the method cannot spend exactly, or a class label the model cannot take; TypeError for an
+    unknown keyword.
+    """
+    check_keywords("resolve_settings", overrides, SETTING_NAMES)
+    values = {f.name: getattr(defaults, f.name, f.default) for f in dataclasses.fields(SampleSettings)}
+    values.update({k: v for k, v in overrides.items() if v is not None and v != ""})
+    try:
+        get_solver(values["method"])
+    except ValueError as err:
+        raise ValueError(f"method: {err}") from None
+    if nfe is not None:
+        if overrides.get("steps") is not None:
+            raise ValueError("nfe: give steps or nfe, not both")
+        values["steps"] = steps_for_nfe(values["method"], nfe)
+    for name in ("grid_shift", "diffusion_norm", "atol", "rtol"):
+        values[name] = float(values[name])
+    s = SampleSettings(**values)
+    _check_settings(s)
     if label is not None:
         if num_classes == 0:
             raise ValueError("label: this model is unconditional")
@@ -156,56 +176,75 @@ def resolve_settings(defaults, *, method: str | None = None, steps: int | None =
     return s
 
 
-@torch.no_grad()
-def generate(model: nn.Module, x0: torch.Tensor, *, y: torch.Tensor | None = None,
-             method: str = "heun", steps: int = 25, grid: str = "uniform", grid_shift: float = 1.0,
-             atol: float = 1e-5, rtol: float = 1e-5, return_trajectory: bool = False,
-             path=None, diffusion: str = "sigma", diffusion_norm: float = 1.0,
-             noise=None, final_noise: bool = False) -> ODEResult:
-    """Integrate dx/dt = model(x, t, y) from the noise ``x0`` at t=0 to t=1.
+def as_velocity(model: Callable, y: torch.Tensor | None = None) -> Callable:
+    """``v(x, t)`` of ``model``: a module (or any callable given labels ``y``) is called
+    ``model(x, t, y)``; a plain callable without labels is taken as ``v(x, t)`` itself."""
+    if isinstance(model, nn.Module) or y is not None:
+        return lambda x, t: model(x, t, y)
+    return model
 
-    x0: (B, *data_shape) noise; y: (B,) labels or None. ``path`` (the run's
-    :class:`~flowmatch.flow.paths.AffinePath`) is needed by ``dpm2m`` and by the SDE sampler
-    ``euler_maruyama``, which also takes ``diffusion`` / ``diffusion_norm`` (see
-    :mod:`flowmatch.flow.sde`) and ``noise(step) -> (B, *data_shape)`` (e.g. :func:`sde_noise`; default:
-    ``torch.randn``). Returns the solver's :class:`ODEResult` (``.x`` the samples, ``.nfe`` the exact
-    number of network evaluations).
-    """
+
+@contextlib.contextmanager
+def _eval_mode(model) -> Iterator[None]:
+    """A module in eval mode for the block (its mode restored after); other callables untouched."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
     was_training = model.training
     model.eval()
     try:
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return model(x, t, y)
-
-        if method in SDE_METHODS:
-            if path is None:
-                raise ValueError(f"method {method!r} needs the probability path: pass path=")
-            g = time_grid(steps, kind=grid, shift=grid_shift, device=x0.device, dtype=x0.dtype)
-            draw = noise if noise is not None else (lambda n: torch.randn_like(x0))
-            return solve_sde(velocity, x0, path=path, grid=g, noise=draw, diffusion=diffusion,
-                             norm=diffusion_norm, final_noise=final_noise,
-                             return_trajectory=return_trajectory)
-        if method in FIXED_STEP_METHODS:
-            g = time_grid(steps, kind=grid, shift=grid_shift, device=x0.device, dtype=x0.dtype)
-            return solve_ode(velocity, x0, method=method, grid=g, return_trajectory=return_trajectory,
-                             path=path)
-        return solve_ode(velocity, x0, method=method, t0=0.0, t1=1.0, atol=atol, rtol=rtol,
-                         return_trajectory=return_trajectory)
+        yield
     finally:
         model.train(was_training)
 
 
-def generate_with_settings(model: nn.Module, x0: torch.Tensor, settings: SampleSettings, *, path,
+@torch.no_grad()
+def generate(model: Callable, x0: torch.Tensor, settings: SampleSettings | None = None, *,
+             y: torch.Tensor | None = None, path=None, noise=None, return_trajectory: bool = False,
+             final_noise: bool = False, **overrides) -> ODEResult:
+    """Integrate ``dx/dt = v(x, t)`` from the noise ``x0`` at t=0 to t=1 with ``settings``.
+
+    model: a velocity module ``model(x, t, y)`` (put in eval mode for the call), or any callable
+    ``v(x, t)`` (``v(x, t, y)`` when labels are given). x0: ``(B, *data_shape)`` noise; y: ``(B,)``
+    labels or None. settings: a :class:`SampleSettings` (default: its defaults, heun with 25 steps);
+    ``overrides`` replace its fields, so the older keyword style
+    ``generate(model, x0, method="rk4", steps=8, grid="edm", atol=..., rtol=...)`` still works.
+    ``path`` (the run's :class:`~flowmatch.flow.paths.AffinePath`) is needed by ``dpm2m`` and by the
+    SDE sampler ``euler_maruyama``, which also takes ``noise(step) -> (B, *data_shape)`` (e.g.
+    :func:`sde_noise`; default: ``torch.randn``) and ``final_noise`` (see :mod:`flowmatch.flow.sde`).
+    Returns the solver's :class:`ODEResult` (``.x`` the samples, ``.nfe`` the exact number of network
+    evaluations).
+    """
+    check_keywords("generate", overrides, SETTING_NAMES)
+    s = dataclasses.replace(settings or SampleSettings(), **overrides)
+    spec = s.spec
+    if spec.needs_path and path is None:
+        raise ValueError(f"method {s.method!r} needs the probability path: pass path=")
+    velocity = as_velocity(model, y)
+    with _eval_mode(model):
+        times = s.times(x0)
+        if spec.kind == "sde":
+            draw = noise if noise is not None else (lambda n: torch.randn_like(x0))
+            return solve_sde(velocity, x0, times, path=path, noise=draw,
+                             diffusion=Diffusion(s.diffusion, s.diffusion_norm, final_noise),
+                             return_trajectory=return_trajectory)
+        return integrate(spec, velocity, x0, times, path=path, atol=s.atol, rtol=s.rtol,
+                         return_trajectory=return_trajectory)
+
+
+def generate_with_settings(model: Callable, x0: torch.Tensor, settings: SampleSettings, *, path,
                            y: torch.Tensor | None = None, indices=None, seed: int = 0,
-                           atol: float = 1e-5, rtol: float = 1e-5) -> ODEResult:
-    """:func:`generate` with resolved :class:`SampleSettings`. For the SDE sampler, the per-step
-    noise of row k is seeded by ``(seed, indices[k])`` (``indices``: the samples' global indices,
-    as for :func:`seeded_noise`), so a sample does not depend on its batch."""
+                           **tolerances) -> ODEResult:
+    """:func:`generate` with resolved :class:`SampleSettings` (its ``atol`` / ``rtol`` included). For
+    the SDE sampler, the per-step noise of row k is seeded by ``(seed, indices[k])`` (``indices``: the
+    samples' global indices, as for :func:`seeded_noise`), so a sample does not depend on its batch.
+    ``atol=`` / ``rtol=`` (older callers) override the settings' tolerances."""
+    check_keywords("generate_with_settings", tolerances, ("atol", "rtol"))
+    given = {k: float(v) for k, v in tolerances.items() if v is not None}
+    settings = dataclasses.replace(settings, **given) if given else settings
     noise = None
-    if settings.method in SDE_METHODS:
+    if settings.spec.kind == "sde":
         if indices is None:
             raise ValueError("the SDE sampler needs the samples' indices for its seeded noise")
         noise = sde_noise(indices, tuple(x0.shape[1:]), seed, device=x0.device)
-    return generate(model, x0, y=y, method=settings.method, steps=settings.steps, grid=settings.grid,
-                    grid_shift=settings.grid_shift, atol=atol, rtol=rtol, path=path,
-                    diffusion=settings.diffusion, diffusion_norm=settings.diffusion_norm, noise=noise)
+    return generate(model, x0, settings, y=y, path=path, noise=noise)

@@ -40,13 +40,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from flowmatch.flow.solvers import ODEResult, _check_grid
+from flowmatch.flow.solvers import (
+    ODEResult,
+    SolverSpec,
+    check_grid,
+    check_keywords,
+    time_dtype_for,
+)
 
-__all__ = ["DIFFUSIONS", "diffusion_coefficient", "solve_sde"]
+__all__ = ["DIFFUSIONS", "SDE_SOLVERS", "Diffusion", "diffusion_coefficient", "solve_sde"]
 
 DIFFUSIONS: tuple[str, ...] = ("constant", "sigma", "linear", "decreasing", "increasing-decreasing", "sbdm")
 
@@ -75,31 +82,55 @@ def diffusion_coefficient(name: str, t: float, path, norm: float = 1.0) -> float
     return max(0.0, norm * 2.0 * s * (s * da / a - ds))  # sbdm
 
 
+@dataclass(frozen=True)
+class Diffusion:
+    """The diffusion of the SDE: ``w(t)`` named ``name`` (see the module table) scaled by ``norm``;
+    ``final_noise``: whether the last step adds noise too (default: a plain Euler step)."""
+
+    name: str = "sigma"
+    norm: float = 1.0
+    final_noise: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in DIFFUSIONS:
+            raise ValueError(f"unknown diffusion {self.name!r}; valid names: {', '.join(DIFFUSIONS)}")
+        if not self.norm >= 0:
+            raise ValueError(f"diffusion norm must be >= 0, got {self.norm}")
+
+    def w(self, t: float, path) -> float:
+        """``w(t)`` for ``path``."""
+        return diffusion_coefficient(self.name, t, path, self.norm)
+
+
 def solve_sde(
     velocity: Callable[[Tensor, Tensor], Tensor],
     x0: Tensor,
+    grid: Tensor,
     *,
     path,
-    grid: Tensor,
     noise: Callable[[int], Tensor],
-    diffusion: str = "sigma",
-    norm: float = 1.0,
-    final_noise: bool = False,
+    diffusion: str | Diffusion = "sigma",
     return_trajectory: bool = False,
+    **diffusion_options,
 ) -> ODEResult:
     """Euler-Maruyama from ``x0`` (noise at ``grid[0] = 0``) along the increasing ``grid``.
 
     Step ``n`` from ``t`` to ``t + h``: ``v = velocity(x, t)``, ``score = -x0_hat / sigma_t``,
     ``x <- x + h (v + w/2 score) + sqrt(w h) z_n`` with ``z_n = noise(n)`` of ``x``'s shape. The last
     step is a plain Euler step unless ``final_noise``. One network evaluation per step (``nfe``).
+    ``diffusion``: a :class:`Diffusion`, or its name with ``norm=`` / ``final_noise=`` as keywords.
     Returns :class:`flowmatch.flow.solvers.ODEResult` (``trajectory``: the state at every grid time).
     """
+    check_keywords("solve_sde", diffusion_options, ("norm", "final_noise"))
+    if isinstance(diffusion, str):
+        diffusion = Diffusion(diffusion, **diffusion_options)
+    elif diffusion_options:
+        raise TypeError("solve_sde(): norm / final_noise belong to the Diffusion passed as diffusion")
     grid = torch.as_tensor(grid)
-    _check_grid(grid)
+    check_grid(grid)
     if not bool(grid[-1] > grid[0]):
         raise ValueError("SDE sampling integrates forwards only (noise -> data): the grid must increase")
-    time_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    times = grid.to(device=x0.device, dtype=time_dtype)
+    times = grid.to(device=x0.device, dtype=time_dtype_for(x0))
     x, nfe, steps = x0, 0, times.numel() - 1
     trajectory = [x0] if return_trajectory else None
     for n in range(steps):
@@ -107,7 +138,7 @@ def solve_sde(
         h = float(t_next - t)
         v = velocity(x, t.reshape(1).repeat(x.shape[0]))
         nfe += 1
-        w = 0.0 if (n == steps - 1 and not final_noise) else diffusion_coefficient(diffusion, float(t), path, norm)
+        w = 0.0 if (n == steps - 1 and not diffusion.final_noise) else diffusion.w(float(t), path)
         if w > 0:
             c = path.scheduler(t.double().reshape(1))
             sigma = float(c.sigma_t)
@@ -121,3 +152,14 @@ def solve_sde(
         if trajectory is not None:
             trajectory.append(x)
     return ODEResult(x=x, nfe=nfe, times=times, trajectory=trajectory)
+
+
+#: The SDE samplers' records (:class:`flowmatch.flow.solvers.SolverSpec`); joined with the ODE
+#: methods in :mod:`flowmatch.flow.solver_registry`.
+SDE_SOLVERS: dict[str, SolverSpec] = {s.name: s for s in (
+    SolverSpec("euler_maruyama", solve_sde, 0.5, 1, "sde", needs_path=True,
+               summary="`dx = [v + w(t)/2 score] dt + sqrt(w(t)) dW`, the same marginals as the ODE "
+                       "(SiT); `--diffusion constant / sigma / linear / decreasing / "
+                       "increasing-decreasing / sbdm`, `--diffusion-norm` scales it; the score comes "
+                       "from the velocity through the path; the last step adds no noise"),
+)}
