@@ -26,8 +26,12 @@ import torch
 from torch import nn
 
 from flowmatch.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
-from flowmatch.components import build_model_from_config, load_autoencoder_for
-from flowmatch.config import Config, ConfigError, config_from_dict
+from flowmatch.components import (
+    build_model_from_config,
+    experiment_from_dict,
+    load_autoencoder_for,
+)
+from flowmatch.config import Config, ConfigError
 from flowmatch.flow.paths import AffinePath, build_path
 from flowmatch.flow.sampling import (
     SampleSettings,
@@ -177,7 +181,7 @@ class Run:
         file = find_checkpoint(source)
         state = load_checkpoint(file, map_location="cpu")
         try:
-            cfg = config_from_dict(state["config"])
+            cfg = experiment_from_dict(state["config"])
             data_shape, num_classes = tuple(state["data_shape"]), int(state["num_classes"])
         except (KeyError, ConfigError) as e:
             raise CheckpointError(f"{file}: its stored config is unusable: {e}") from None

@@ -160,7 +160,7 @@ def _eval_nll(args: argparse.Namespace, device) -> int:
     from flowmatch.atomic import atomic_write_json
     from flowmatch.checkpoint import find_checkpoint
     from flowmatch.config import ConfigError
-    from flowmatch.evaluation.likelihood import evaluate_nll
+    from flowmatch.evaluation.nll import evaluate_nll
 
     data_params = {"split": args.split} if args.split is not None else {}
     for item in args.data:
@@ -176,7 +176,7 @@ def _eval_nll(args: argparse.Namespace, device) -> int:
     file = find_checkpoint(args.checkpoint)
     run_dir = file.parent.parent if file.parent.name == "checkpoints" else file.parent
     out = Path(args.out) if args.out else run_dir / "nll.json"
+    distributed.print0(json.dumps(res))  # first: a run directory we cannot write to loses nothing
     if distributed.is_main():
         atomic_write_json(out, res)
-    distributed.print0(json.dumps(res))
     return EXIT_OK

@@ -72,11 +72,11 @@ class NLLSettings:
 
     def __post_init__(self):
         if self.n < 1:
-            raise ConfigError("--n: must be >= 1")
+            raise ConfigError("n: must be >= 1")
         if self.batch_size < 1:
-            raise ConfigError("--batch-size: must be >= 1")
+            raise ConfigError("batch_size: must be >= 1")
         if self.likelihood.n_probes < 1:
-            raise ConfigError("--probes: must be >= 1")
+            raise ConfigError("n_probes: must be >= 1")
         if self.dequantize_mode not in DEQUANTIZE_MODES:
             raise ValueError(f"unknown dequantize mode {self.dequantize_mode!r}; valid: "
                              f"{', '.join(DEQUANTIZE_MODES)}")

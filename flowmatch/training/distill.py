@@ -29,7 +29,8 @@ import torch
 
 from flowmatch import distributed
 from flowmatch.atomic import atomic_write_json, file_sha256
-from flowmatch.config import Config, config_from_dict, config_to_dict
+from flowmatch.components import experiment_from_dict
+from flowmatch.config import Config, apply_overrides, config_from_dict, config_to_dict
 from flowmatch.data.pairs import PAIRS_FORMAT, create_pair_arrays, open_pair_arrays
 from flowmatch.flow.solvers import ADAPTIVE_METHODS, solve_ode
 from flowmatch.flow.time_samplers import time_grid
@@ -215,8 +216,6 @@ def student_config(teacher_cfg: Config, teacher_checkpoint: str | Path, pairs: s
     """The teacher's config, retargeted: data from the pair store, weights from the teacher, a fresh
     run directory, ``train.objective``, the step budget; a distilled student samples with Euler on
     its own ``K``-step grid. ``overrides`` (``key=value``) are applied last, then all is validated."""
-    from flowmatch.config import apply_overrides
-
     d = config_to_dict(teacher_cfg)
     d["name"] = Path(out_dir).name
     d["out_dir"] = str(out_dir)
@@ -228,7 +227,7 @@ def student_config(teacher_cfg: Config, teacher_checkpoint: str | Path, pairs: s
     d["train"]["warmup_steps"] = min(int(d["train"].get("warmup_steps", 0)), max(train_steps // 10, 0))
     if objective == "segments":
         d["sample"].update(method="euler", steps=int(times.numel() - 1), grid=grid, grid_shift=grid_shift)
-    return config_from_dict(apply_overrides(d, overrides or []))
+    return experiment_from_dict(apply_overrides(d, overrides or []))
 
 
 def _train(cfg: Config, progress: bool) -> tuple[object, float]:
