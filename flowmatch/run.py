@@ -151,19 +151,19 @@ class Run:
         latent: for latent models, what decoding needs (VAE source, normalisation, image size).
         class_names: the data set's class names, when known.
         checkpoint: the file the run was loaded from (None for a live training run).
-        step: the training step of the weights.
-        state: the raw checkpoint it was loaded from (None for a live run).
+        state: the raw checkpoint it was loaded from (None for a live run); ``step`` comes from it.
     """
 
     def __init__(self, model: nn.Module, config: Config, *, data_shape: tuple[int, ...],
                  num_classes: int = 0, latent: dict | None = None,
-                 class_names: list[str] | None = None, checkpoint: Path | None = None, step: int = 0,
+                 class_names: list[str] | None = None, checkpoint: Path | None = None,
                  state: dict | None = None):
         self.model, self.config = model, config
         self.data_shape = tuple(int(s) for s in data_shape)
         self.num_classes = int(num_classes)
         self.latent, self.class_names = latent, class_names
-        self.checkpoint, self.step, self.state = checkpoint, int(step), state
+        self.checkpoint, self.state = checkpoint, state
+        self.step = int(state.get("step", 0)) if state else 0  # the training step of the weights
         self.path: AffinePath = build_path(config.path.scheduler, **config.path.params)
         self._autoencoders: dict[str | None, object] = {}
 
@@ -194,7 +194,7 @@ class Run:
                                   f"{str(e).splitlines()[0]}") from None
         run = cls(model.to(device).eval(), cfg, data_shape=data_shape, num_classes=num_classes,
                   latent=state.get("latent"), class_names=state.get("class_names"),
-                  checkpoint=file, step=int(state.get("step", 0)), state=state)
+                  checkpoint=file, state=state)
         return run
 
     # -- facts -----------------------------------------------------------------------------------

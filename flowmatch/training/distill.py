@@ -210,12 +210,12 @@ def _complete_meta(out: Path) -> dict | None:
 
 
 def student_config(teacher_cfg: Config, teacher_checkpoint: str | Path, pairs: str | Path,
-                   out_dir: str | Path, *, objective: str, train_steps: int, times: torch.Tensor,
-                   grid: str = "uniform", grid_shift: float = 1.0,
-                   overrides: list[str] | None = None) -> Config:
+                   out_dir: str | Path, student: StudentSpec, times: torch.Tensor) -> Config:
     """The teacher's config, retargeted: data from the pair store, weights from the teacher, a fresh
     run directory, ``train.objective``, the step budget; a distilled student samples with Euler on
-    its own ``K``-step grid. ``overrides`` (``key=value``) are applied last, then all is validated."""
+    its own ``K``-step grid (``times``). The student's overrides (``key=value``) are applied last, then
+    all is validated (through the registries, so a bad override fails before any teacher work)."""
+    objective, train_steps = student.objective, student.train_steps
     d = config_to_dict(teacher_cfg)
     d["name"] = Path(out_dir).name
     d["out_dir"] = str(out_dir)
@@ -226,8 +226,9 @@ def student_config(teacher_cfg: Config, teacher_checkpoint: str | Path, pairs: s
     d["train"]["coupling"] = {"name": "none"}
     d["train"]["warmup_steps"] = min(int(d["train"].get("warmup_steps", 0)), max(train_steps // 10, 0))
     if objective == "segments":
-        d["sample"].update(method="euler", steps=int(times.numel() - 1), grid=grid, grid_shift=grid_shift)
-    return experiment_from_dict(apply_overrides(d, overrides or []))
+        d["sample"].update(method="euler", steps=int(times.numel() - 1), grid=student.grid,
+                           grid_shift=student.grid_shift)
+    return experiment_from_dict(apply_overrides(d, list(student.overrides)))
 
 
 def _train(cfg: Config, progress: bool) -> tuple[object, float]:
@@ -278,16 +279,17 @@ def run_reflow(teacher: str | Path, out_dir: str | Path, *, n: int, train_steps:
 
 
 def run_distill(teacher: str | Path, out_dir: str | Path, *, nfe: int, n: int, train_steps: int,
-                grid: str = "uniform", grid_shift: float = 1.0, steps_per_segment: int | None = None,
-                overrides: list[str] | None = None, **options) -> dict:
+                grid: str = "uniform", grid_shift: float = 1.0, overrides: list[str] | None = None,
+                **options) -> dict:
     """Distil the teacher into an ``nfe``-step Euler student on the ``grid``. The teacher solves
-    each of the ``nfe`` segments with ``steps_per_segment`` steps of ``method`` (default rk4, about
+    each of the ``nfe`` segments with ``steps_per_segment`` steps of ``method`` (defaults: rk4, about
     32 steps in all). ``options``: the other :class:`PairJob` keywords. Returns the cost report."""
     if not isinstance(nfe, int) or nfe < 1:
         raise ValueError("nfe: the student's number of steps must be an integer >= 1")
     times = time_grid(nfe, kind=grid, shift=grid_shift, dtype=torch.float64)
-    sps = steps_per_segment if steps_per_segment is not None else max(1, math.ceil(32 / nfe))
-    job = PairJob.from_options(n=n, times=times, steps_per_segment=sps, **options)
+    if options.get("steps_per_segment") is None:
+        options["steps_per_segment"] = max(1, math.ceil(32 / nfe))
+    job = PairJob.from_options(n=n, times=times, **options)
     return _run("distill", teacher, out_dir, job,
                 StudentSpec("segments", train_steps, grid, grid_shift, tuple(overrides or ())))
 
@@ -301,9 +303,7 @@ def _run(kind: str, teacher: str | Path, out_dir: str | Path, job: PairJob, stud
     file = find_checkpoint(teacher)
     teacher_cfg = config_from_dict(load_checkpoint(file, map_location="cpu")["config"])
     # the student's config first: a bad override fails before any teacher work
-    cfg = student_config(teacher_cfg, file, out_dir / "pairs", out_dir, objective=student.objective,
-                         train_steps=student.train_steps, times=job.times, grid=student.grid,
-                         grid_shift=student.grid_shift, overrides=list(student.overrides))
+    cfg = student_config(teacher_cfg, file, out_dir / "pairs", out_dir, student, job.times)
     pairs_meta = make_pairs(file, out_dir / "pairs", job)
     distributed.print0(f"{kind}: {job.n} teacher trajectories, {pairs_meta['nfe_per_pair']} NFE each, "
                        f"{pairs_meta['seconds']:.1f} s")
