@@ -20,7 +20,6 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "GRID_HELP",
-    "METHOD_HELP",
     "RESIZE_HELP",
     "SAMPLING_OPTIONS",
     "HelpFormatter",
@@ -95,13 +94,12 @@ def add_vae_input(p: argparse.ArgumentParser, vae_help: str) -> None:
 # Sampling options
 # ----------------------------------------------------------------------------------------------
 
-METHOD_HELP = ("ODE: euler | midpoint | heun | rk4 | ab2 | dpm2m (1 NFE/step, order 2) | "
-               "dopri5 (+ other torchdiffeq methods); SDE: euler_maruyama")
 GRID_HELP = "uniform | shifted | edm"
 
 # flag -> the add_argument keywords every command shares (type, shape, default, generic help).
 SAMPLING_OPTIONS: dict[str, dict[str, Any]] = {
-    "--method": {"default": None, "help": METHOD_HELP},
+    # help filled from the solver registry when a parser is built (see add_sampling_option)
+    "--method": {"default": None, "help": None},
     "--steps": {"type": int, "default": None, "help": "solver steps"},
     "--nfe": {"type": int, "default": None,
               "help": "network evaluations per sample instead of --steps: steps = NFE / the "
@@ -130,6 +128,10 @@ def add_sampling_option(p: argparse.ArgumentParser, flag: str, *, default_from: 
     TypeError from argparse, not silently dropped.
     """
     kwargs = {**SAMPLING_OPTIONS[flag], **changes}
+    if kwargs.get("help") is None and flag == "--method":
+        from flowmatch.flow.solver_registry import methods_help  # torch: only once a parser is built
+
+        kwargs["help"] = methods_help()
     if default_from is not None:
         kwargs["help"] = f"{kwargs['help']} (default: {default_from})"
     return p.add_argument(flag, **kwargs)
