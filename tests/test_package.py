@@ -9,6 +9,9 @@ MODULES = [
     "flowmatch.flow.sde", "flowmatch.flow.guidance", "flowmatch.checkpoint", "flowmatch.distributed", "flowmatch.imageio",
     "flowmatch.models", "flowmatch.data", "flowmatch.training", "flowmatch.autoencoder",
     "flowmatch.evaluation", "flowmatch.training.vae", "flowmatch.data.latents",
+    "flowmatch.flow.solver_registry", "flowmatch.registry", "flowmatch.components", "flowmatch.run",
+    "flowmatch.plots", "flowmatch.evaluation.frechet", "flowmatch.evaluation.features",
+    "flowmatch.evaluation.nll", "flowmatch.evaluation.generate", "flowmatch.training.distill",
 ]
 HEAVY = ["diffusers", "sklearn", "torchdiffeq", "scipy", "lpips", "torchvision", "matplotlib"]
 
