@@ -37,6 +37,7 @@ from torch import Tensor
 from flowmatch.registry import Registry
 
 __all__ = [
+    "require_scipy",
     "squared_distances",
     "exact_assignment",
     "sinkhorn_log_plan",
@@ -68,6 +69,15 @@ def squared_distances(x1: Tensor, x0: Tensor, dtype: torch.dtype = torch.float64
     return (a * a).sum(1, keepdim=True) + (b * b).sum(1) - 2.0 * (a @ b.T)
 
 
+def require_scipy() -> None:
+    """Raise ImportError saying what to install when scipy (the exact assignment solver) is missing."""
+    try:
+        import scipy.optimize  # noqa: F401 -- optional extra, imported only when exact OT is used
+    except ImportError:
+        raise ImportError("exact minibatch OT (train.coupling: {name: exact}) needs scipy: "
+                          "pip install 'flowmatch[ot]' (or use {name: sinkhorn}, pure torch)") from None
+
+
 def exact_assignment(x0: Tensor, x1: Tensor) -> Tensor:
     """The optimal pairing ``perm`` (``x0[perm[i]]`` with ``x1[i]``) for the squared Euclidean cost.
 
@@ -76,6 +86,7 @@ def exact_assignment(x0: Tensor, x1: Tensor) -> Tensor:
     CPU (it releases the GIL, so it can run in a background thread next to a training step).
     Deterministic: equal inputs give the same permutation on every process.
     """
+    require_scipy()
     from scipy.optimize import linear_sum_assignment
 
     if x0.shape != x1.shape:
@@ -220,7 +231,14 @@ class NoCoupling:
 
 @dataclass(frozen=True)
 class ExactCoupling:
-    """The optimal permutation for the squared Euclidean cost (:func:`exact_assignment`)."""
+    """The optimal permutation for the squared Euclidean cost (:func:`exact_assignment`).
+
+    Needs scipy (``pip install 'flowmatch[ot]'``): checked when the coupling is built, so a config
+    asking for it fails before any training work, with the command that fixes it.
+    """
+
+    def __init__(self) -> None:
+        require_scipy()
 
     def __call__(self, x0: Tensor, x1: Tensor, labels: Tensor | None = None) -> Tensor:
         return within_classes(exact_assignment, x0, x1, labels)

@@ -3,6 +3,7 @@
 import itertools
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,3 +248,24 @@ def test_a_failing_coupling_stops_training_and_the_thread(tmp_path):
         trainer.fit()
     assert trainer._prefetch_pool is None and not _coupling_threads()
     assert all(name.startswith("flowmatch-coupling") for name in calls)
+
+
+def test_exact_coupling_without_scipy_says_what_to_install(tmp_path):
+    """scipy is an optional extra: without it, asking for exact OT is one line naming the extra,
+    at config time (exit 2, no run directory), not a traceback in the middle of training."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['scipy'] = None; sys.modules['scipy.optimize'] = None\n"
+        "from flowmatch.cli import main\n"
+        f"out = {str(tmp_path / 'run')!r}\n"
+        "raise SystemExit(main(['train', 'configs/toy2d.yaml', 'train.coupling.name=exact',\n"
+        "                       'out_dir=' + out, 'device=cpu', '--no-progress']))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "flowmatch[ot]" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
