@@ -47,12 +47,13 @@ def weights(model):
 
 
 class _InterruptAt(Trainer):
-    """Sends this process a real SIGINT right after optimizer step ``at``."""
+    """Sends this process a real SIGINT right after optimizer step ``at`` (``_train_step(source)``
+    is the Trainer's one optimizer step)."""
 
     at = 0
 
-    def _train_step(self, loader):
-        out = super()._train_step(loader)
+    def _train_step(self, source):
+        out = super()._train_step(source)
         if self.step == self.at:
             os.kill(os.getpid(), signal.SIGINT)
         return out

@@ -1,4 +1,6 @@
-"""Training: the loop, EMA, learning-rate schedules and atomic, resumable checkpoints."""
+"""Training: batch sources, objectives, the shared update / checkpoint / log pieces, and the Trainer
+that composes them; EMA, learning-rate schedules. For a custom loop: :class:`FlowMatchingLoss`,
+:class:`CoupledBatches` (minibatch OT with a prefetch thread), :class:`BatchStream`."""
 
 from flowmatch.checkpoint import (
     CheckpointError,
@@ -12,20 +14,23 @@ from flowmatch.components import (
     load_autoencoder_for,
 )
 from flowmatch.run import model_from_checkpoint
+from flowmatch.training.batches import BatchStream, CoupledBatches, StreamLoader, step_generator
 from flowmatch.training.ema import EMA, ema_decay_from_halflife
-from flowmatch.training.lr import lr_at
-from flowmatch.training.trainer import (
-    BatchStream,
-    NonFiniteLossError,
-    Trainer,
-    TrainResult,
-)
+from flowmatch.training.loop import Learner, NonFiniteLossError, UpdateRule
+from flowmatch.training.lr import LRSchedule, lr_at
+from flowmatch.training.objectives import FlowMatchingLoss
+from flowmatch.training.trainer import Trainer, TrainResult
 
 __all__ = [
     "BatchStream",
     "CheckpointError",
+    "CoupledBatches",
     "EMA",
+    "FlowMatchingLoss",
+    "Learner",
+    "LRSchedule",
     "NonFiniteLossError",
+    "StreamLoader",
     "Trainer",
     "TrainResult",
     "build_model_from_config",
@@ -37,4 +42,6 @@ __all__ = [
     "lr_at",
     "model_from_checkpoint",
     "save_checkpoint",
+    "step_generator",
+    "UpdateRule",
 ]

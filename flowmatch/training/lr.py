@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-__all__ = ["lr_at"]
+__all__ = ["lr_at", "LRSchedule"]
 
 
 def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0,
@@ -25,3 +26,19 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0,
     progress = min(1.0, (step - warmup_steps) / span)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return base_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """:func:`lr_at` with its settings bound: ``schedule(step) -> lr``."""
+
+    base_lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        return lr_at(step, base_lr=self.base_lr, total_steps=self.total_steps,
+                     warmup_steps=self.warmup_steps, schedule=self.schedule,
+                     min_lr_ratio=self.min_lr_ratio)

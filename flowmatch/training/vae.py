@@ -16,19 +16,17 @@ The perceptual network ``P`` is frozen, but the loss is differentiated *through*
 (a perceptual term computed under ``no_grad`` would silently train nothing). Training runs in
 float32 on one process.
 
-Reproducibility follows the flow trainer: the batch order is :class:`BatchStream`'s (a pure function
-of the step), and step ``k``'s flips and posterior noise come from a generator seeded by
-``(seed, k)``, so a run resumed from ``checkpoints/latest.pt`` continues exactly as if it had never
-stopped.
+The loop is built from the flow trainer's pieces (:mod:`flowmatch.training.batches`,
+:mod:`flowmatch.training.loop`), so reproducibility follows it: the batch order is
+:class:`BatchStream`'s (a pure function of the step), step ``k``'s flips and posterior noise come
+from ``step_generator(seed, k)``, and a run resumed from ``checkpoints/latest.pt`` continues exactly
+as if it had never stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,21 +36,24 @@ import yaml
 from torch import nn
 
 from flowmatch.autoencoder import Autoencoder, load_vae
-from flowmatch.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    save_checkpoint,
-)
+from flowmatch.checkpoint import CheckpointError
 from flowmatch.config import ConfigError
 from flowmatch.data.imagefolder import ImageFolder
-from flowmatch.flow.sampling import sample_seed
 from flowmatch.imageio import save_image_grid
+from flowmatch.training.batches import BatchStream, StreamLoader, step_generator
 from flowmatch.training.ema import EMA
-from flowmatch.training.trainer import BatchStream, NonFiniteLossError
+from flowmatch.training.loop import (
+    Checkpoints,
+    Learner,
+    MetricsLog,
+    StopOnInterrupt,
+    UpdateRule,
+    progress_bar,
+)
+from flowmatch.training.lr import LRSchedule
 
 __all__ = ["VAEFinetuneConfig", "finetune_loss", "finetune_vae", "psnr", "reconstruct"]
 
-_STREAM_STEP = 2  # the per-step generator's stream id (the batch order is BatchStream's)
 _GRID_IMAGES = 8  # images in the reconstruction grids written during training
 
 
@@ -194,24 +195,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(sample_seed(seed * 1000 + _STREAM_STEP, step))
-
-
-def _batches(dataset: ImageFolder, stream: BatchStream, start_step: int, num_workers: int):
-    """An iterator of image batches for steps start_step, start_step + 1, ... (labels dropped)."""
-
-    class _Steps(torch.utils.data.Sampler):
-        def __iter__(self):
-            k = start_step
-            while True:
-                yield stream.local_indices(k).tolist()
-                k += 1
-
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=_Steps(), num_workers=num_workers)
-    return (x for x, _ in loader)
-
-
 def _trainable_parameters(vae: nn.Module, train_encoder: bool) -> list[nn.Parameter]:
     """Decoder (+ post-quant conv), and encoder (+ quant conv) when ``train_encoder``."""
     vae.requires_grad_(False)
@@ -224,6 +207,69 @@ def _trainable_parameters(vae: nn.Module, train_encoder: bool) -> list[nn.Parame
             part.requires_grad_(True)
             params += list(part.parameters())
     return params
+
+
+def _learner(cfg: VAEFinetuneConfig, device: torch.device, checkpoint: Path) -> tuple[Learner, tuple]:
+    """The VAE (trainable parts chosen), its EMA copy and AdamW at a constant lr; the latent shape."""
+    vae = load_vae(cfg.vae, subfolder=cfg.vae_subfolder or None, device=device)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if cfg.image_size % factor:
+        raise ConfigError(f"image_size: {cfg.image_size} is not a multiple of the VAE's "
+                          f"downsampling factor {factor}")
+    latent_shape = (int(vae.config.latent_channels), cfg.image_size // factor, cfg.image_size // factor)
+    params = _trainable_parameters(vae, cfg.train_encoder)
+    ema = EMA(vae)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rule = UpdateRule(LRSchedule(cfg.lr, cfg.steps, schedule="constant"), grad_clip=cfg.grad_clip,
+                      ema_decay=cfg.ema_decay)
+    return Learner(vae, optimizer, ema, rule, model_key="vae", checkpoint=checkpoint), latent_shape
+
+
+def _perceptual(cfg: VAEFinetuneConfig, net: nn.Module | None, device: torch.device) -> nn.Module | None:
+    """The frozen perceptual network: ``net`` if given, else LPIPS; None when the term is off."""
+    if not cfg.uses_perceptual:
+        return None
+    net = net if net is not None else _lpips(device)
+    return net.to(device).eval().requires_grad_(False)
+
+
+def _resume(learner: Learner, checkpoints: Checkpoints, cfg: VAEFinetuneConfig, device) -> None:
+    """Continue from checkpoints/latest.pt, if there is one and it was made with this VAE setup."""
+    state = checkpoints.read(device)
+    if state is None:
+        return
+    saved = state.get("config", {})
+    for key in ("vae", "vae_subfolder", "train_encoder"):
+        if saved.get(key) != getattr(cfg, key):
+            raise CheckpointError(
+                f"{checkpoints.latest} was written with {key}={saved.get(key)!r}, this run has "
+                f"{getattr(cfg, key)!r}; use another out_dir or delete the checkpoint")
+    learner.load_state_dict(state)
+    print(f"resumed from {checkpoints.latest} at step {learner.step}", flush=True)
+
+
+class _StepLoss:
+    """``loss_of(k)`` for the Learner: batch ``k`` of the image stream, its flips and posterior noise
+    from ``step_generator(seed, k)``; the last step's loss terms in ``terms``."""
+
+    def __init__(self, cfg: VAEFinetuneConfig, vae: nn.Module, batches: StreamLoader,
+                 latent_shape: tuple, perceptual_net: nn.Module | None):
+        self.cfg, self.vae, self.batches = cfg, vae, batches
+        self.latent_shape, self.perceptual_net = latent_shape, perceptual_net
+        self.device = next(vae.parameters()).device
+        self.terms: dict[str, float] = {}
+
+    def __call__(self, k: int) -> torch.Tensor:
+        device = self.device
+        x = self.batches(k)[0].to(device)  # (B, 3, S, S); labels dropped
+        g = step_generator(self.cfg.seed, k)
+        flip = torch.rand(len(x), generator=g) < 0.5
+        eps = torch.randn((len(x), *self.latent_shape), generator=g).to(device)
+        if self.cfg.hflip:
+            x = torch.where(flip.view(-1, 1, 1, 1).to(device), x.flip(-1), x)
+        loss, terms = finetune_loss(self.vae, x, eps, self.cfg, self.perceptual_net)
+        self.terms = {name: float(v.detach()) for name, v in terms.items() if name != "x_rec"}
+        return loss
 
 
 @torch.no_grad()
@@ -260,129 +306,46 @@ def finetune_vae(
     if perceptual_net is not None and cfg.perceptual == "none":
         raise ConfigError("perceptual: is 'none', but a perceptual network was passed; set "
                           "perceptual: lpips (the network replaces LPIPS) or pass none")
-    device = _device(cfg.device)
-    out = Path(cfg.out_dir)
-    ckpt_path = out / "checkpoints" / "latest.pt"
+    device, out = _device(cfg.device), Path(cfg.out_dir)
+    checkpoints = Checkpoints(out / "checkpoints")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-
-    # Model, EMA, optimizer ----------------------------------------------------------------------
-    vae = load_vae(cfg.vae, subfolder=cfg.vae_subfolder or None, device=device)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if cfg.image_size % factor:
-        raise ConfigError(f"image_size: {cfg.image_size} is not a multiple of the VAE's "
-                          f"downsampling factor {factor}")
-    latent_shape = (int(vae.config.latent_channels), cfg.image_size // factor, cfg.image_size // factor)
-    params = _trainable_parameters(vae, cfg.train_encoder)
-    ema = EMA(vae)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.uses_perceptual:
-        net = perceptual_net if perceptual_net is not None else _lpips(device)
-        perceptual_net = net.to(device).eval().requires_grad_(False)
-    else:
-        perceptual_net = None
-
-    # Data ---------------------------------------------------------------------------------------
+    learner, latent_shape = _learner(cfg, device, checkpoints.latest)
+    perceptual_net = _perceptual(cfg, perceptual_net, device)
     dataset = ImageFolder(cfg.images, cfg.image_size, channels=3, center_crop=True)
-    stream = BatchStream(len(dataset), cfg.batch_size, cfg.seed)
     grid_x = torch.stack([dataset[i][0] for i in range(min(_GRID_IMAGES, len(dataset)))]).to(device)
-
-    # Resume -------------------------------------------------------------------------------------
-    step = 0
-    if ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, map_location=device)
-        saved = state.get("config", {})
-        for key in ("vae", "vae_subfolder", "train_encoder"):
-            if saved.get(key) != getattr(cfg, key):
-                raise CheckpointError(
-                    f"{ckpt_path} was written with {key}={saved.get(key)!r}, this run has "
-                    f"{getattr(cfg, key)!r}; use another out_dir or delete the checkpoint")
-        vae.load_state_dict(state["vae"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        print(f"resumed from {ckpt_path} at step {step}", flush=True)
-    metrics_path = out / "metrics.jsonl"
-    if metrics_path.is_file():  # keep lines up to the resumed step; later ones are lost work
-        kept = []
-        for line in metrics_path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line + "\n")
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-        metrics_path.write_text("".join(kept))
+    _resume(learner, checkpoints, cfg, device)
+    metrics = MetricsLog(out / "metrics.jsonl")
+    metrics.resume(learner.step)
+    batches = StreamLoader(dataset, BatchStream(len(dataset), cfg.batch_size, cfg.seed), learner.step,
+                           cfg.num_workers)
+    step_loss = _StepLoss(cfg, learner.model, batches, latent_shape, perceptual_net)
 
     def save() -> None:
-        save_checkpoint({"step": step, "config": dataclasses.asdict(cfg), "vae": vae.state_dict(),
-                         "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}, ckpt_path)
+        checkpoints.write({"step": learner.step, "config": dataclasses.asdict(cfg), **learner.state_dict()})
 
-    # Loop ---------------------------------------------------------------------------------------
-    stop = {"requested": False}
-
-    def on_sigint(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        print("\ninterrupt: finishing this step and writing a checkpoint "
-              "(Ctrl-C again to abort without saving)", flush=True)
-
-    old_handler = None
-    if threading.current_thread() is threading.main_thread():
-        old_handler = signal.signal(signal.SIGINT, on_sigint)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc="finetune vae", dynamic_ncols=True)
-    batches = _batches(dataset, stream, step, cfg.num_workers)
-    vae.train()
-    try:
-        while step < cfg.steps:
-            x = next(batches).to(device)  # (B, 3, S, S)
-            g = _step_generator(cfg.seed, step)
-            flip = torch.rand(len(x), generator=g) < 0.5
-            eps = torch.randn((len(x), *latent_shape), generator=g).to(device)
-            if cfg.hflip:
-                x = torch.where(flip.view(-1, 1, 1, 1).to(device), x.flip(-1), x)
-            loss, terms = finetune_loss(vae, x, eps, cfg, perceptual_net)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            loss_value = float(loss.detach())
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                raise NonFiniteLossError(
-                    f"non-finite loss {loss_value} (grad norm {grad_norm}) at step {step + 1}; "
-                    f"stopped before the update; the last checkpoint is {ckpt_path}")
-            optimizer.step()
-            step += 1
-            ema.update(vae, cfg.ema_decay)
-
-            record = {"step": step, "loss": loss_value, "grad_norm": grad_norm, "time": time.time()}
-            record.update({k: float(v.detach()) for k, v in terms.items() if k != "x_rec"})
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", recon=f"{record['recon']:.4f}")
+    learner.model.train()
+    with progress_bar(progress, cfg.steps, learner.step, "finetune vae") as bar, \
+            StopOnInterrupt() as interrupt:
+        while learner.step < cfg.steps:
+            loss, grad_norm = learner.train_step(step_loss)
+            step = learner.step
+            metrics.append({"step": step, "loss": loss, "grad_norm": grad_norm, "time": time.time(),
+                            **step_loss.terms})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", recon=f"{step_loss.terms['recon']:.4f}")
             if cfg.sample_every and step % cfg.sample_every == 0:
-                _reconstruction_grid(ema.model, grid_x, out / "samples" / f"step_{step:07d}.png")
+                _reconstruction_grid(learner.ema.model, grid_x, out / "samples" / f"step_{step:07d}.png")
             if cfg.save_every and step % cfg.save_every == 0:
                 save()
-            if stop["requested"] and step < cfg.steps:
+            if interrupt.requested and step < cfg.steps:
                 save()
                 raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint written to "
-                                        f"{ckpt_path}; run again to resume")
-    finally:
-        if bar is not None:
-            bar.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+                                        f"{checkpoints.latest}; run again to resume")
     save()
     vae_dir = out / "vae"
-    ema.model.save_pretrained(vae_dir)
-    print(f"done: {step} steps; fine-tuned (EMA) VAE in {vae_dir}", flush=True)
+    learner.ema.model.save_pretrained(vae_dir)
+    print(f"done: {learner.step} steps; fine-tuned (EMA) VAE in {vae_dir}", flush=True)
     return vae_dir
 
 
