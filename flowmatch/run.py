@@ -41,7 +41,7 @@ from flowmatch.flow.sampling import (
 )
 
 __all__ = ["NO_GUIDANCE", "Guidance", "Run", "SampleJob", "Samples", "SolverChoice", "known_fields", "model_from_checkpoint",
-           "take_fields"]
+           "save_samples", "take_fields"]
 
 
 @dataclass(frozen=True)
@@ -304,3 +304,35 @@ def model_from_checkpoint(path: str | Path, *, use_ema: bool = True,
     """
     run = Run.load(path, use_ema=use_ema, device=device)
     return run.model, run.config, run.state
+
+
+def save_samples(x: torch.Tensor, out: str | Path, *, nrow: int | None = None,
+                 ref: torch.Tensor | None = None) -> Path:
+    """Write samples ``x`` (n, *shape) to one file chosen by ``out``'s suffix; returns ``out``.
+
+    ``.npy``: the array as is; ``.pt``: the tensor; ``.png``: images (n, C, H, W) as a grid of
+    ``nrow`` columns (default: about square) upscaled to about 128 px a tile, or 2-D points (n, 2)
+    as a scatter plot (over the points ``ref``, when given). Raises ValueError for any other suffix
+    or a ``.png`` of other data.
+    """
+    import numpy as np
+
+    from flowmatch.imageio import save_image_grid
+    from flowmatch.plots import save_scatter
+
+    out = Path(out)
+    shape = tuple(x.shape[1:])
+    if out.suffix == ".png" and len(shape) != 3 and shape != (2,):
+        raise ValueError(f"a .png needs image or 2-D data; this model makes {shape}: use .npy")
+    if out.suffix not in (".png", ".npy", ".pt"):
+        raise ValueError(f"unsupported suffix {out.suffix!r} (use .png, .npy, or a folder)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, x.numpy())
+    elif out.suffix == ".pt":
+        torch.save(x, out)
+    elif len(shape) == 3:
+        save_image_grid(x, out, nrow=nrow, upscale=max(1, 128 // shape[-1]))
+    else:
+        save_scatter(x, out, ref=ref)
+    return out

@@ -121,29 +121,14 @@ def _sample_folder(checkpoint: str, out: Path, job) -> int:
 
 
 def write_samples(x, out: Path, nrow: int | None = None) -> None:
-    """Writes samples ``x`` of shape (n, *data_shape) to one file, chosen by ``out``'s suffix.
-
-    ``.npy``: the array as is. ``.png``: images (n, C, H, W) as a grid of ``nrow`` columns (default:
-    about square), upscaled to about 128 px a tile; 2-D points (n, 2) as a scatter plot. Anything
-    else is a ConfigError naming ``--out``.
-    """
-    import numpy as np
-
+    """:func:`flowmatch.run.save_samples` for ``--out``: ``.npy``, ``.png`` (an image grid or a 2-D
+    scatter plot); anything else is a ConfigError naming ``--out``."""
     from flowmatch.config import ConfigError
-    from flowmatch.imageio import save_image_grid, save_scatter
+    from flowmatch.run import save_samples
 
-    data_shape = tuple(x.shape[1:])
-    if out.suffix == ".npy":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(out, x.numpy())
-    elif out.suffix == ".png":
-        if len(data_shape) == 3:
-            save_image_grid(x, out, nrow=nrow, upscale=max(1, 128 // data_shape[-1]))
-        elif data_shape == (2,):
-            save_scatter(x, out)
-        else:
-            raise ConfigError(f"--out: a .png needs image or 2-D data; this model makes {data_shape}: "
-                              "use .npy")
-    else:
+    if out.suffix == ".pt":
         raise ConfigError(f"--out: unsupported suffix {out.suffix!r} (use .png, .npy, or a folder)")
-
+    try:
+        save_samples(x, out, nrow=nrow)
+    except ValueError as e:
+        raise ConfigError(f"--out: {e}") from None

@@ -31,7 +31,6 @@ from flowmatch.checkpoint import CheckpointError, load_checkpoint
 from flowmatch.components import (
     build_model_from_config,
     latent_info,
-    load_autoencoder_for,
     resolve_config,
 )
 from flowmatch.config import (
@@ -44,15 +43,9 @@ from flowmatch.config import (
 from flowmatch.data import build_dataset
 from flowmatch.flow.coupling import build_coupling
 from flowmatch.flow.paths import build_path
-from flowmatch.flow.sampling import (
-    generate_with_settings,
-    resolve_settings,
-    seeded_noise,
-)
 from flowmatch.flow.time_samplers import build_time_sampler
-from flowmatch.imageio import save_image_grid
-from flowmatch.plots import save_scatter
 from flowmatch.models import count_parameters
+from flowmatch.run import Run, save_samples
 from flowmatch.training.batches import (
     STREAM_GRID,
     BatchStream,
@@ -79,7 +72,11 @@ from flowmatch.training.loop import (
     record_launch,
 )
 from flowmatch.training.lr import LRSchedule
-from flowmatch.training.objectives import FlowMatching, SegmentDistillation, velocity_mse
+from flowmatch.training.objectives import (
+    FlowMatching,
+    SegmentDistillation,
+    velocity_mse,
+)
 
 __all__ = [
     "Trainer",
@@ -88,7 +85,6 @@ __all__ = [
     "BatchStream",
 ]
 
-_STREAM_GRID = STREAM_GRID  # the sample grids' noise (sample_grid below)
 
 
 @dataclass
@@ -164,7 +160,8 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", plot=self.run_dir / "loss.png",
                                   title=f"{cfg.name}: flow-matching loss")
         self._source = None  # the batch source of the running fit()
-        self._autoencoder = None  # loaded on first use, to decode latent samples into images
+        self._run: Run | None = None  # the sampling view of this run (built on first use)
+        self._vae_failed = False  # the latent grids' VAE could not be loaded: grids stay latents
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -283,7 +280,7 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------------
 
-    def _batch_source(self, start_k: int):
+    def batch_source(self, start_k: int):
         """``source(k) -> Batch`` for micro-steps ``start_k, start_k + 1, ...`` of this run."""
         tc = self.cfg.train
         if self.pairs:
@@ -321,54 +318,46 @@ class Trainer:
 
     # -- outputs ---------------------------------------------------------------------------------
 
+    @property
+    def run(self) -> Run:
+        """This run as it samples now: the EMA (or raw, ``sample.use_ema: false``) weights with the
+        config, classes and latent decoding of the data set (one object, so the VAE loads once)."""
+        if self._run is None:
+            model = self.ema.model if self.cfg.sample.use_ema else self.model
+            self._run = Run(model, self.cfg, data_shape=self.data_shape,
+                            num_classes=self.num_classes if self.cfg.model.class_cond else 0,
+                            latent=latent_info(self.dataset))
+        return self._run
+
     def sample_grid(self, path: Path | None = None) -> Path:
-        """Samples from the EMA model with fixed noise (comparable across steps) -> a PNG."""
-        sc = self.cfg.sample
+        """Samples of the run's ``sample`` settings from fixed noise (comparable across steps): a PNG
+        grid for images (decoded for latent runs), a scatter plot over the data for 2-D points."""
+        sc, run = self.cfg.sample, self.run
         n = sc.n if len(self.data_shape) == 3 else max(sc.n, 2000)
-        x0 = seeded_noise(range(n), self.data_shape, seed=self.cfg.seed * 1000 + _STREAM_GRID,
-                          device=self.device)
-        y = None
-        if self.cfg.model.class_cond:
-            y = torch.arange(n, device=self.device) % self.num_classes
-        model = self.ema.model if sc.use_ema else self.model
-        settings = resolve_settings(sc)  # the config's sample section, every method (ODE, dpm2m, SDE)
-        out = generate_with_settings(model, x0, settings, path=self.path, y=y, indices=range(n),
-                                     seed=self.cfg.seed * 1000 + _STREAM_GRID, atol=sc.atol,
-                                     rtol=sc.rtol).x.cpu()
+        x = run.sample(range(n), run.settings(), seed=self.cfg.seed * 1000 + STREAM_GRID).x.cpu()
         path = path or self.run_dir / "samples" / f"step_{self.step:07d}.png"
-        if latent_info(self.dataset) is not None:  # a latent store, or a latent teacher's pairs
-            decoded = self._decode_latents(out)
-            if decoded is None:  # no VAE here: keep the latents themselves
-                path = path.with_suffix(".pt")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(out, path)
-                return path
-            out = decoded
-        if len(out.shape) == 4:
-            nrow = self.num_classes if self.cfg.model.class_cond and self.num_classes <= 16 else None
-            upscale = max(1, 128 // out.shape[-1])
-            save_image_grid(out, path, nrow=nrow, upscale=upscale)
-        elif self.data_shape == (2,):
-            ref = self.memory[0][: len(out)] if self.memory is not None else None
-            save_scatter(out, path, ref=ref)
-        else:
-            path = path.with_suffix(".pt")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(out, path)
-        return path
+        if run.is_latent:
+            images = self._decode_latents(x)
+            if images is None:  # no VAE here: keep the latents themselves (the warning said why)
+                return save_samples(x, path.with_suffix(".pt"))
+            x = images
+        if x.ndim != 4 and tuple(x.shape[1:]) != (2,):
+            return save_samples(x, path.with_suffix(".pt"))
+        nrow = run.num_classes if 0 < run.num_classes <= 16 else None
+        ref = self.memory[0][: len(x)] if self.memory is not None and x.ndim == 2 else None
+        return save_samples(x, path, nrow=nrow, ref=ref)
 
     def _decode_latents(self, z: torch.Tensor) -> torch.Tensor | None:
         """Images for latent samples through the store's VAE; None (with one warning) if unavailable."""
-        if self._autoencoder is None:
-            try:
-                self._autoencoder = load_autoencoder_for(latent_info(self.dataset), device=self.device)
-            except (ImportError, OSError, RuntimeError, ValueError) as e:
-                distributed.print0(f"warning: cannot load the VAE {latent_info(self.dataset)['vae']!r} to "
-                                   f"decode sample grids ({e}); saving latents instead")
-                self._autoencoder = False
-        if self._autoencoder is False:
+        if self._vae_failed:
             return None
-        return self._autoencoder.decode(z.to(self.device), batch_size=16).cpu()
+        try:
+            return self.run.decode(z, batch_size=16).cpu()
+        except (ImportError, OSError, RuntimeError, ValueError) as e:
+            distributed.print0(f"warning: cannot load the VAE {self.run.latent['vae']!r} to decode "
+                               f"sample grids ({e}); saving latents instead")
+            self._vae_failed = True
+            return None
 
     def _record_launch(self) -> None:
         record_launch(self.run_dir / "run.json", {
@@ -423,7 +412,7 @@ class Trainer:
         """Train (or resume) to ``train.steps``; Ctrl-C stops after the current step, with a checkpoint."""
         tc = self.cfg.train
         self._open_run()
-        self._source = source = self._batch_source(self.step * tc.grad_accum)
+        self._source = source = self.batch_source(self.step * tc.grad_accum)
         prefetch = contextlib.nullcontext()
         if isinstance(source, CoupledSource) and self.memory is not None:
             # the coupling of micro-step k + 1 runs in a thread while step k trains
@@ -441,16 +430,3 @@ class Trainer:
                     break
         self._close_run(status)
         return TrainResult(step=self.step, status=status, run_dir=self.run_dir, last_loss=loss)
-
-    # -- the private names tests/flow/test_coupling.py reads -------------------------------------
-
-    def _step_draws(self, k: int):
-        return self.draws.draw(k)
-
-    def _coupled_global_batch(self, k: int):
-        return self._batch_source(k).global_batch(k)
-
-    @property
-    def _prefetch_pool(self):
-        prefetch = getattr(self._source, "prefetch", None)
-        return None if prefetch is None else prefetch.pool

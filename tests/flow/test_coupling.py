@@ -188,14 +188,14 @@ def _coupling_threads():
 
 def test_trainer_pairs_the_global_batch_within_classes(tmp_path):
     trainer = Trainer(digits_cfg(tmp_path, coupling={"name": "exact"}), progress=False)
-    x0_plain = trainer._step_draws(7)[0]
-    x0, x1, t, y, drop = trainer._coupled_global_batch(7)
+    x0_plain = trainer.draws.draw(7)[0]
+    x0, x1, t, y, drop = trainer.batch_source(7).global_batch(7)
     # The same noise rows, re-ordered: within each class and lowering the pair cost.
     perm = (x0.flatten(1)[:, None] == x0_plain.flatten(1)[None]).all(-1).nonzero()[:, 1]
     assert _is_permutation(perm, len(x0)) and torch.equal(x0, x0_plain[perm])
     assert torch.equal(y[perm], y)
     assert pair_cost(x0, x1) < pair_cost(x0_plain, x1)
-    again = trainer._coupled_global_batch(7)  # a pure function of the micro-step
+    again = trainer.batch_source(7).global_batch(7)  # a pure function of the micro-step
     assert all(torch.equal(a, b) for a, b in zip(again, (x0, x1, t, y, drop)))
 
 
@@ -215,7 +215,7 @@ def test_resume_with_coupling_is_exact(tmp_path, make_cfg, at, coupling):
     first = _InterruptAt(cfg, progress=False)
     first.at = at
     assert first.fit().status == "interrupted"
-    assert first._prefetch_pool is None and not _coupling_threads()  # thread shut down
+    assert not _coupling_threads()  # thread shut down
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     second = Trainer(cfg, progress=False)
     assert second.fit().step == cfg.train.steps
@@ -246,7 +246,7 @@ def test_a_failing_coupling_stops_training_and_the_thread(tmp_path):
     trainer.coupling = failing
     with pytest.raises(RuntimeError, match="coupling failed"):
         trainer.fit()
-    assert trainer._prefetch_pool is None and not _coupling_threads()
+    assert not _coupling_threads()
     assert all(name.startswith("flowmatch-coupling") for name in calls)
 
 

@@ -148,5 +148,5 @@ def test_coupled_batches_are_the_trainers_coupled_batches(tmp_path):
     with CoupledBatches(X, batch_size=trainer.global_batch, coupling=trainer.coupling,
                         seed=trainer.cfg.seed, steps=3) as batches:
         for k, (x0, x1, _) in enumerate(batches):
-            want = trainer._coupled_global_batch(k)
+            want = trainer.batch_source(k).global_batch(k)
             assert torch.equal(x0, want[0]) and torch.equal(x1, want[1])

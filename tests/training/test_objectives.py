@@ -72,7 +72,7 @@ def test_flow_matching_loss_equals_the_trainers_micro_step(tmp_path):
     data rows with the step's generator (the Trainer draws x0 then t from it, in that order)."""
     trainer = Trainer(toy_cfg(tmp_path), progress=False)
     trainer.model.eval()
-    source = trainer._batch_source(0)
+    source = trainer.batch_source(0)
     loss_fn = FlowMatchingLoss(trainer.path, trainer.time_sampler)
     for k in (0, 5):
         x1 = trainer.memory[0][trainer.stream.local_indices(k)]
