@@ -169,19 +169,57 @@ def save_images(
 # ----------------------------------------------------------------------------------------------
 
 
+# Pillow modes with more than 8 bits per sample, all single-channel, and the divisor that maps
+# them to [0, 1]. Pillow's own convert("L") clips them instead of scaling (a 16-bit image turns
+# almost all white), so they are scaled here before anything else sees them. "I" is 32-bit signed,
+# but in practice it holds 16-bit data: older Pillow opens 16-bit PNGs as "I", and 16-bit PGMs
+# still open as "I" (rescaled by Pillow to 0..65535).
+_HIGH_DEPTH_SCALE = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
+                     "I": 65535.0, "F": 1.0}
+
+
+def _high_depth_to_l(image: Image.Image, name: str) -> Image.Image:
+    """A 16-bit, 32-bit integer or float Pillow image -> mode ``"L"``, scaled by the mode's range.
+
+    ``value / scale`` must lie in ``[0, 1]`` (``scale`` from ``_HIGH_DEPTH_SCALE``: 65535 for the
+    integer modes, 1 for float ``"F"``); then ``pixel = round(255 * value / scale)``, i.e. 8-bit
+    quantisation, an error of at most ``0.5 / 255`` in ``[0, 1]``. Values outside that range have no
+    agreed meaning (HDR, signed or raw 32-bit data), so they are refused rather than clipped.
+
+    Raises:
+        ValueError: values outside the range, or NaN / inf; the message names ``name`` and the
+            range found.
+    """
+    scale = _HIGH_DEPTH_SCALE[image.mode]
+    values = np.asarray(image, dtype=np.float64) / scale  # (H, W)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not (np.isfinite(low) and np.isfinite(high) and 0.0 <= low and high <= 1.0):
+        found = f"[{low * scale:g}, {high * scale:g}]" if np.isfinite(values).all() else "NaN or inf"
+        expected = "[0, 1]" if image.mode == "F" else "[0, 65535]"
+        raise ValueError(f"cannot read {name}: its mode {image.mode!r} values span {found}, "
+                         f"outside {expected}; convert it to an 8- or 16-bit image")
+    return Image.fromarray(np.round(values * 255.0).astype(np.uint8), mode="L")
+
+
 def open_image(path: str | os.PathLike, channels: int = 3) -> Image.Image:
     """Open and fully decode an image file as mode ``"L"`` (channels=1) or ``"RGB"`` (channels=3).
 
-    The EXIF orientation is applied (phone photos are stored sideways), and transparent images are
-    composited onto white rather than having their alpha dropped, which would expose whatever
-    colour the transparent pixels happen to hold (often black). Animated files give their first
-    frame. Decoding errors (truncated data...) propagate to the caller.
+    Every Pillow mode comes out on the same 8-bit scale: 8-bit modes (``1``, ``L``, ``P``, ``RGB``,
+    ``CMYK``, ...) through Pillow's conversion; 16-bit grey (``I;16*``, and ``I`` as Pillow opens
+    16-bit PGMs) divided by 65535; float ``F`` taken as already in ``[0, 1]`` (anything else is a
+    ``ValueError`` naming the file). 16-bit RGB(A) PNGs are opened by Pillow itself as 8-bit
+    ``RGB(A)``. The EXIF orientation is applied (phone photos are stored sideways), and transparent
+    images are composited onto white rather than having their alpha dropped, which would expose
+    whatever colour the transparent pixels happen to hold (often black). Animated files give their
+    first frame. Decoding errors (truncated data...) propagate to the caller.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     with Image.open(path) as image:
         image.load()  # decode now, inside the `with`, so a truncated file fails here
         image = ImageOps.exif_transpose(image)
+        if image.mode in _HIGH_DEPTH_SCALE:
+            image = _high_depth_to_l(image, str(path))
         has_alpha = image.mode in ("RGBA", "LA", "PA") or (
             image.mode == "P" and "transparency" in image.info
         )

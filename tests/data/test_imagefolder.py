@@ -46,9 +46,11 @@ def test_class_subfolders(tmp_path):
     _write(tmp_path / "dog" / "2.png", (33, 21))
     _write(tmp_path / "cat" / "x.webp", (25, 25))
     _write(tmp_path / "cat" / "deeper" / "y.png", (25, 40))  # nested inside a class: still cat
-    (tmp_path / "empty").mkdir()  # no images: not a class
-    ds = ImageFolder(tmp_path, image_size=8, channels=1)
+    (tmp_path / "empty").mkdir()  # no images: not a class, and a warning says so
+    with pytest.warns(UserWarning, match="empty"):
+        ds = ImageFolder(tmp_path, image_size=8, channels=1)
     assert ds.classes == ["cat", "dog"] and ds.num_classes == 2
+    assert ds.class_names == ["cat", "dog"]
     labels = sorted(y for _, y in (ds[i] for i in range(len(ds))))
     assert labels == [0, 0, 1, 1]
     assert ds[0][0].shape == (1, 8, 8)
