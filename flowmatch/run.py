@@ -238,6 +238,11 @@ class Run:
         """The network, wrapped in classifier-free guidance when ``guidance`` is active."""
         if not guidance.active:
             return self.model
+        if self.num_classes and self.config.train.label_dropout <= 0:
+            raise ValueError(f"cfg_scale {guidance.scale:g}: this run was trained with "
+                             "train.label_dropout = 0, so its null class (the unconditional velocity "
+                             "guidance needs) never saw training; sample with cfg_scale 1, or train "
+                             "with label dropout (e.g. 0.1)")
         from flowmatch.flow.guidance import ClassifierFreeGuidance
 
         return ClassifierFreeGuidance(self.model, guidance.scale, tuple(guidance.interval))

@@ -17,7 +17,8 @@ One module a sub-command (``train``, ``sample``, ``distill`` (reflow, distill), 
 what they share is in :mod:`flowmatch.cli.common`.
 
 Exit codes: 0 success, 1 training stopped by a non-finite loss, 2 bad input (config, checkpoint,
-data), 130 interrupted by Ctrl-C after writing a checkpoint.
+data, a run directory another process is writing), 130 interrupted by Ctrl-C and 143 by SIGTERM,
+both after writing a checkpoint.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from flowmatch.autoencoder import VAELoadError
     from flowmatch.config import ConfigError
+    from flowmatch.rundir import RunLockedError
     from flowmatch.training import CheckpointError
 
     args = build_parser().parse_args(argv)
@@ -65,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     # Bad input the library reports with a clear message: config, checkpoint, missing files, data
     # problems (ValueError: empty folder, bad shapes), a VAE that cannot be fetched, a missing
-    # optional package (the message says what to install). FLOWMATCH_DEBUG=1 shows the traceback.
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, VAELoadError,
-            ImportError) as e:
+    # optional package (the message says what to install), a run directory held by another
+    # process, a file system that refuses a write (read-only, full: OSError names the file).
+    # FLOWMATCH_DEBUG=1 shows the traceback.
+    except (ConfigError, CheckpointError, OSError, ValueError, VAELoadError, ImportError,
+            RunLockedError) as e:
         if os.environ.get("FLOWMATCH_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

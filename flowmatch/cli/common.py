@@ -19,6 +19,7 @@ __all__ = [
     "EXIT_DIVERGED",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "EXIT_TERMINATED",
     "GRID_HELP",
     "RESIZE_HELP",
     "SAMPLING_OPTIONS",
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 EXIT_OK, EXIT_DIVERGED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM: the shell's code for a job ended by SIGTERM (schedulers requeue on it)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -145,9 +147,9 @@ def add_sampling_option(p: argparse.ArgumentParser, flag: str, *, default_from: 
 def training_exit_code(fit: Callable[[], str]) -> int:
     """Runs a training job and maps how it ended to the exit code.
 
-    ``fit`` returns the job's status ("done", "interrupted", ...). A non-finite loss is one line on
-    stderr and exit 1; an interrupted run (its checkpoint written) exits 130. The process group,
-    if any, is torn down either way.
+    ``fit`` returns the job's status ("finished", "interrupted", "terminated"). A non-finite loss
+    is one line on stderr and exit 1; a run stopped by Ctrl-C (its checkpoint written) exits 130,
+    by SIGTERM 143. The process group, if any, is torn down either way.
     """
     from flowmatch import distributed
     from flowmatch.training import NonFiniteLossError
@@ -159,4 +161,4 @@ def training_exit_code(fit: Callable[[], str]) -> int:
         return EXIT_DIVERGED
     finally:
         distributed.cleanup()
-    return EXIT_INTERRUPTED if status == "interrupted" else EXIT_OK
+    return {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}.get(status, EXIT_OK)

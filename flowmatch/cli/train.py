@@ -25,6 +25,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="print the resolved config (every default filled in) and exit")
     p.add_argument("--no-resume", action="store_true",
                    help="start from scratch even if the run directory holds a checkpoint")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume even though the data, path or objective differ from the checkpoint's "
+                        "(refused otherwise, naming the keys)")
     add_no_progress(p)
     p.set_defaults(handler=run)
     return p
@@ -40,4 +43,5 @@ def run(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return EXIT_OK
     return training_exit_code(
-        lambda: Trainer(cfg, resume=not args.no_resume, progress=not args.no_progress).fit().status)
+        lambda: Trainer(cfg, resume=not args.no_resume, progress=not args.no_progress,
+                        force_resume=args.force_resume).fit().status)

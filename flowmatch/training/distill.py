@@ -35,8 +35,10 @@ from flowmatch.data.pairs import PAIRS_FORMAT, create_pair_arrays, open_pair_arr
 from flowmatch.flow.solvers import ADAPTIVE_METHODS, solve_ode
 from flowmatch.flow.time_samplers import time_grid
 from flowmatch.run import NO_GUIDANCE, Guidance, Run, known_fields, take_fields
+from flowmatch.rundir import lock_run_dir
 
-__all__ = ["PairJob", "StudentSpec", "TeacherSolve", "make_pairs", "run_distill", "run_reflow", "student_config"]
+__all__ = ["PairJob", "StudentSpec", "TeacherSolve", "make_pairs", "refuse_teacher_dir", "run_distill",
+           "run_reflow", "student_config"]
 
 
 @dataclass(frozen=True)
@@ -294,6 +296,18 @@ def run_distill(teacher: str | Path, out_dir: str | Path, *, nfe: int, n: int, t
                 StudentSpec("segments", train_steps, grid, grid_shift, tuple(overrides or ())))
 
 
+def refuse_teacher_dir(teacher_checkpoint: Path, out_dir: Path) -> None:
+    """Raise ValueError when ``out_dir`` is the teacher's run directory or inside it: the student's
+    config.yaml, checkpoints and logs would overwrite the teacher's."""
+    ckpt = Path(teacher_checkpoint).resolve()
+    teacher_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    out = Path(out_dir).resolve()
+    if out == teacher_dir or teacher_dir in out.parents:
+        raise ValueError(f"out: {out_dir} is the teacher's run directory {teacher_dir} or inside it; "
+                         "the student would overwrite the teacher's checkpoints and config: choose "
+                         "another folder")
+
+
 def _run(kind: str, teacher: str | Path, out_dir: str | Path, job: PairJob, student: StudentSpec) -> dict:
     from flowmatch.checkpoint import find_checkpoint, load_checkpoint
 
@@ -301,13 +315,15 @@ def _run(kind: str, teacher: str | Path, out_dir: str | Path, job: PairJob, stud
         raise ValueError("train_steps: must be >= 1")
     out_dir = Path(out_dir)
     file = find_checkpoint(teacher)
+    refuse_teacher_dir(file, out_dir)
     teacher_cfg = config_from_dict(load_checkpoint(file, map_location="cpu")["config"])
     # the student's config first: a bad override fails before any teacher work
     cfg = student_config(teacher_cfg, file, out_dir / "pairs", out_dir, student, job.times)
-    pairs_meta = make_pairs(file, out_dir / "pairs", job)
-    distributed.print0(f"{kind}: {job.n} teacher trajectories, {pairs_meta['nfe_per_pair']} NFE each, "
-                       f"{pairs_meta['seconds']:.1f} s")
-    result, seconds = _train(cfg, job.progress)
-    report = _report(out_dir, kind, pairs_meta, result, seconds, cfg)
+    with lock_run_dir(out_dir, kind):  # one writer: the pairs, then the student's training
+        pairs_meta = make_pairs(file, out_dir / "pairs", job)
+        distributed.print0(f"{kind}: {job.n} teacher trajectories, {pairs_meta['nfe_per_pair']} NFE "
+                           f"each, {pairs_meta['seconds']:.1f} s")
+        result, seconds = _train(cfg, job.progress)
+        report = _report(out_dir, kind, pairs_meta, result, seconds, cfg)
     distributed.print0(json.dumps(report))
     return report

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmatch import distributed
+from flowmatch.atomic import atomic_open
 from flowmatch.checkpoint import load_checkpoint, save_checkpoint
 from flowmatch.plots import save_line_plot
 from flowmatch.training.ema import EMA
@@ -37,6 +38,7 @@ __all__ = [
     "StopOnInterrupt",
     "progress_bar",
     "any_process",
+    "stop_status",
     "record_launch",
     "amp_dtype",
     "autocast",
@@ -206,7 +208,8 @@ class MetricsLog:
                 continue  # a line cut by a crash
             if record.get("step", 0) <= step:
                 keep.append(record)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        with atomic_open(self.path, "w") as f:  # a kill now must not lose the kept lines
+            f.write("".join(json.dumps(r) + "\n" for r in keep))
         self.records = keep
 
     def append(self, record: dict) -> None:
@@ -225,31 +228,48 @@ class MetricsLog:
 
 
 class StopOnInterrupt:
-    """Inside ``with``: the first Ctrl-C (SIGINT) sets ``requested`` -- the loop finishes its step,
-    writes a checkpoint and stops -- and a second raises ``KeyboardInterrupt`` at once. Signals can
-    only be handled in the main thread: elsewhere this does nothing. The old handler comes back on
+    """Inside ``with``: the first Ctrl-C (SIGINT) or SIGTERM -- what SLURM, Kubernetes and torchrun
+    send before they kill a job -- sets ``requested`` and ``signal``: the loop finishes its step,
+    writes a checkpoint and stops. A second signal raises ``KeyboardInterrupt`` at once. Signals can
+    only be handled in the main thread: elsewhere this does nothing. The old handlers come back on
     exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signal: int | None = None
+        self._old: dict[int, object] = {}
 
-    def _on_sigint(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C: stop now
+    def _on_signal(self, signum, frame) -> None:
+        if self.requested:  # a second signal: stop now
             raise KeyboardInterrupt
-        self.requested = True
-        distributed.print0("\ninterrupt: finishing this step, writing a checkpoint, then exiting "
-                           "(Ctrl-C again to abort without saving)")
+        self.requested, self.signal = True, signum
+        what = "interrupt" if signum == signal.SIGINT else f"{signal.Signals(signum).name} received"
+        distributed.print0(f"\n{what}: finishing this step, writing a checkpoint, then exiting "
+                           "(send it again to abort without saving)")
 
     def __enter__(self) -> StopOnInterrupt:
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._on_sigint)
+            self._old = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-            self._old = None
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def stop_status(interrupt: StopOnInterrupt, device: torch.device) -> str | None:
+    """How every process should stop after this step: ``"terminated"`` if any process got SIGTERM,
+    ``"interrupted"`` if any got SIGINT, None to go on (a collective: every process must call it)."""
+    votes = torch.tensor([float(interrupt.signal == signal.SIGTERM),
+                          float(interrupt.signal == signal.SIGINT)])
+    if distributed.info().distributed:
+        votes = distributed.all_reduce_sum(votes.to(device)).cpu()
+    if votes[0] > 0:
+        return "terminated"
+    return "interrupted" if votes[1] > 0 else None
 
 
 def any_process(flag: bool, device: torch.device) -> bool:

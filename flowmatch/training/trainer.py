@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from flowmatch import distributed
+from flowmatch.atomic import atomic_open
 from flowmatch.checkpoint import CheckpointError, load_checkpoint
 from flowmatch.components import (
     build_model_from_config,
@@ -46,6 +47,7 @@ from flowmatch.flow.paths import build_path
 from flowmatch.flow.time_samplers import build_time_sampler
 from flowmatch.models import count_parameters
 from flowmatch.run import Run, save_samples
+from flowmatch.rundir import lock_run_dir, remove_stale_temps
 from flowmatch.training.batches import (
     STREAM_GRID,
     BatchStream,
@@ -66,10 +68,10 @@ from flowmatch.training.loop import (
     StopOnInterrupt,
     UpdateRule,
     amp_dtype,
-    any_process,
     autocast,
     progress_bar,
     record_launch,
+    stop_status,
 )
 from flowmatch.training.lr import LRSchedule
 from flowmatch.training.objectives import (
@@ -90,9 +92,38 @@ __all__ = [
 @dataclass
 class TrainResult:
     step: int  # optimizer steps completed
-    status: str  # "finished" | "interrupted"
+    status: str  # "finished" | "interrupted" (Ctrl-C) | "terminated" (SIGTERM); both with a checkpoint
     run_dir: Path
     last_loss: float
+
+
+# What a resumed run must share with its checkpoint (besides the model, checked apart): the data, the
+# probability path and the objective. Schedules, budgets, logging and sampling may change.
+RESUME_KEYS = ("data", "path", "train.objective")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def resume_conflicts(saved: Config, cfg: Config, saved_latent: dict | None,
+                     latent: dict | None) -> list[str]:
+    """``"key: checkpoint X, config Y"`` for each setting under :data:`RESUME_KEYS` that differs
+    between a checkpoint's config and this one, and for a latent store from another VAE or with
+    another normalisation (same shape, other latent space)."""
+    old, new = _flat(config_to_dict(saved)), _flat(config_to_dict(cfg))
+    keys = sorted(k for k in set(old) | set(new)
+                  if any(k == r or k.startswith(r + ".") for r in RESUME_KEYS) and old.get(k) != new.get(k))
+    out = [f"{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}" for k in keys]
+    for part in ("vae", "normalization"):
+        was, now = (saved_latent or {}).get(part), (latent or {}).get(part)
+        if was != now:
+            out.append(f"latent {part}: checkpoint {was!r}, data {now!r}")
+    return out
 
 
 def _in_memory(dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -133,9 +164,10 @@ class Trainer:
     ``_train_step(source)`` is one optimizer step; a subclass may wrap it to act between steps.
     """
 
-    def __init__(self, cfg: Config, *, resume: bool = True, progress: bool = True):
+    def __init__(self, cfg: Config, *, resume: bool = True, progress: bool = True,
+                 force_resume: bool = False):
         self.cfg = cfg = resolve_config(cfg)  # checked, defaults filled: what config.yaml stores
-        self.resume = resume
+        self.resume, self.force_resume = resume, force_resume
         self.progress = progress
         self.dist, self.device = distributed.init(cfg.device)
         self.run_dir = cfg.run_dir
@@ -250,6 +282,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "global_batch": self.images_per_step,
             "latent": latent_info(self.dataset),
+            "class_names": getattr(self.dataset, "class_names", None) if self.cfg.model.class_cond else None,
         }
 
     def save(self, keep: bool = False) -> None:
@@ -259,6 +292,7 @@ class Trainer:
         distributed.barrier()
 
     def _try_resume(self) -> None:
+        """Load ``latest.pt`` when resuming; first refuse a checkpoint this config cannot continue."""
         path = self.checkpoints.latest
         state = self.checkpoints.read(self.device) if self.resume else None
         if state is None:
@@ -272,6 +306,13 @@ class Trainer:
         if tuple(state["data_shape"]) != self.data_shape:
             raise CheckpointError(f"{path} was trained on data of shape {tuple(state['data_shape'])},"
                                   f" this config gives {self.data_shape}")
+        conflicts = resume_conflicts(saved, self.cfg, state.get("latent"), latent_info(self.dataset))
+        if conflicts and not self.force_resume:
+            raise CheckpointError(f"{path} was trained on other data, path or objective "
+                                  f"({'; '.join(conflicts)}); use another out_dir, --no-resume, or "
+                                  "--force-resume to continue it with this config")
+        if conflicts:
+            distributed.print0(f"warning: --force-resume: continuing {path} with {'; '.join(conflicts)}")
         if state.get("global_batch") != self.images_per_step:
             distributed.print0(f"warning: resuming with global batch {self.images_per_step}, the "
                                f"checkpoint used {state.get('global_batch')}: not an exact resume")
@@ -370,12 +411,14 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
 
     def _open_run(self) -> None:
-        """The run directory and config.yaml; resume; the metrics cut back to the resumed step."""
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        """Resume (after its checks), then config.yaml (atomically: only a config that passed them),
+        the metrics cut back to the resumed step, and the temp files of a killed writer removed."""
         self._try_resume()
         if self.dist.is_main:
+            for folder in (self.run_dir, self.ckpt_dir):
+                remove_stale_temps(folder)  # we hold the run's lock: no live writer owns them
+            with atomic_open(self.run_dir / "config.yaml", "w") as f:
+                f.write(dump_config(self.cfg))
             self.metrics.resume(self.step)
             self._record_launch()
             distributed.print0(self.describe())
@@ -404,12 +447,19 @@ class Trainer:
             final = self.sample_grid(self.run_dir / "samples.png")
             distributed.print0(f"done: {self.step} steps; samples {final}; loss curve "
                                f"{self.run_dir / 'loss.png'}; checkpoint {latest}")
-        elif status == "interrupted":
-            distributed.print0(f"interrupted at step {self.step}; checkpoint written to {latest}; "
+        elif status in ("interrupted", "terminated"):
+            distributed.print0(f"{status} at step {self.step}; checkpoint written to {latest}; "
                                "run the same command to resume")
 
     def fit(self) -> TrainResult:
-        """Train (or resume) to ``train.steps``; Ctrl-C stops after the current step, with a checkpoint."""
+        """Train (or resume) to ``train.steps``, holding the run directory's lock (one writer at a
+        time). Ctrl-C or SIGTERM stops after the current step, with a checkpoint."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"out_dir: {self.run_dir} exists and is not a folder")
+        with lock_run_dir(self.run_dir, "training"):
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         tc = self.cfg.train
         self._open_run()
         self._source = source = self.batch_source(self.step * tc.grad_accum)
@@ -425,8 +475,9 @@ class Trainer:
                 loss, grad_norm = self._train_step(source)
                 bar.update(1)
                 self._after_step(loss, grad_norm, window, bar)
-                if any_process(interrupt.requested, self.device) and self.step < tc.steps:
-                    status = "interrupted"
+                stop = stop_status(interrupt, self.device)
+                if stop is not None and self.step < tc.steps:
+                    status = stop
                     break
         self._close_run(status)
         return TrainResult(step=self.step, status=status, run_dir=self.run_dir, last_loss=loss)
