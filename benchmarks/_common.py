@@ -32,7 +32,7 @@ from torch import nn
 
 from flowmatch.flow import solvers
 from flowmatch.flow.paths import AffinePath, build_path
-from flowmatch.flow.sampling import FIXED_STEP_NFE, generate, sample_seed
+from flowmatch.flow.sampling import FIXED_STEP_NFE, generate
 from flowmatch.flow.time_samplers import build_time_sampler
 from flowmatch.training import (
     EMA,
@@ -42,6 +42,7 @@ from flowmatch.training import (
     ema_decay_from_halflife,
     lr_at,
     model_from_checkpoint,
+    step_generator,
 )
 
 #: The adaptive solver every protocol adds to its fixed-step ones (at atol = rtol = its tolerance).
@@ -123,7 +124,7 @@ def train_with_trainer(cfg, use_ema: bool) -> Trained:
     trainer = Trainer(cfg, resume=False, progress=False)
     with contextlib.redirect_stdout(io.StringIO()):  # its start/done lines would break the tables
         result = trainer.fit()
-    last = trainer.history[-1]  # log_every = steps: one record, its speed spans the whole loop
+    last = trainer.metrics.records[-1]  # log_every = steps: one record, its speed spans the whole loop
     loop_seconds = cfg.train.steps * cfg.train.batch_size / last["samples_per_s"]
     model, saved, _ = model_from_checkpoint(result.run_dir, use_ema=use_ema)
     return Trained(model, build_path(saved.path.scheduler, **saved.path.params), loop_seconds,
@@ -169,8 +170,7 @@ def train_peer_loop(cfg, data: torch.Tensor, pairs: Callable, ema: bool) -> Trai
             group["lr"] = lr_at(k, base_lr=tc.lr, total_steps=tc.steps, warmup_steps=tc.warmup_steps,
                                 schedule=tc.lr_schedule, min_lr_ratio=tc.min_lr_ratio)
         x1 = data[stream.local_indices(k)]  # (B, ...)
-        # The Trainer's draws for step k, in its order (flowmatch.training.trainer, _STREAM_STEP = 2).
-        g = torch.Generator().manual_seed(sample_seed(cfg.seed * 1000 + 2, k))
+        g = step_generator(cfg.seed, k)  # the Trainer's draws for step k, in its order
         x0 = torch.randn((tc.batch_size, *shape), generator=g)  # (B, ...) noise
         t = time_sampler(tc.batch_size, generator=g)  # (B,)
         x_t, u_t = pairs(x0, x1, t)

@@ -184,10 +184,7 @@ def test_toy2d_protocol_quick_run(tmp_path, capsys):
     assert {"cpu_model", "threads", "torch", "packages"} <= set(saved["machine"])
     methods = saved["targets"]["checkerboard"]["methods"]
     assert list(methods) == list(bench.VARIANTS)
-    # flowmatch-ot needs train.coupling (another change); until then it is skipped, with the reason
-    ot = methods["flowmatch-ot"]
-    assert ot["status"] == "ok" or "ConfigError" in ot["reason"]
-    for name in ("flowmatch", "flowmatch-ot-distill", *_installed_peers(methods)):
+    for name in ("flowmatch", "flowmatch-ot", "flowmatch-ot-distill", *_installed_peers(methods)):
         method = methods[name]
         assert method["status"] == "ok", method.get("reason")
         assert method["train"]["s_per_1k_steps"] > 0
@@ -261,10 +258,7 @@ def test_digits_protocol_quick_run(tmp_path, capsys, monkeypatch):
     assert list(methods) == list(bench.VARIANTS)
     assert methods["flowmatch-typo"]["status"] == "skipped"
     assert "train.no_such_option" in methods["flowmatch-typo"]["reason"]
-    # flowmatch-ot needs train.coupling (another change); until then it is skipped, with the reason
-    ot = methods["flowmatch-ot"]
-    assert ot["status"] == "ok" or "ConfigError" in ot["reason"]
-    for name in ("flowmatch", *_installed_peers(methods)):
+    for name in ("flowmatch", "flowmatch-ot", *_installed_peers(methods)):
         method = methods[name]
         assert method["status"] == "ok", method.get("reason")
         assert method["train"]["s_per_1k_steps"] > 0

@@ -258,6 +258,11 @@ class Trainer:
         distributed.print0(f"initialised from the EMA weights of {file} (step {state.get('step')})")
 
     @property
+    def history(self) -> list[dict]:
+        """The metric records of this run so far (what metrics.jsonl holds)."""
+        return self.metrics.records
+
+    @property
     def step(self) -> int:
         """Optimizer steps done."""
         return self.learner.step
