@@ -2,6 +2,11 @@
 
 A crash, a Ctrl-C or a killed job never leaves a half-written file under the final name, and a
 reader never sees one: the rename is atomic on POSIX filesystems.
+
+The file gets the permissions a new file made by ``open(path, "w")`` gets, ``0o666 & ~umask``
+(``tempfile.mkstemp`` alone makes it ``0o600``, which hides checkpoints on a shared project
+filesystem from everyone but their writer). Every write sets them afresh, so a file written
+``0o600`` by an older version is fixed by its next write.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # POSIX; on Windows mkstemp's file is not owner-only anyway
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -34,6 +41,21 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux: /proc), since
+    setting it to read it back would briefly change it for every thread."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str | os.PathLike, obj, indent: int = 1) -> None:

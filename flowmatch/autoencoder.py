@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["NORMALIZATION_KINDS", "Autoencoder", "LatentNormalization", "load_vae"]
+__all__ = [
+    "NORMALIZATION_KINDS",
+    "Autoencoder",
+    "LatentNormalization",
+    "VAEFolderNotFound",
+    "VAELoadError",
+    "load_vae",
+    "vae_source",
+]
 
 NORMALIZATION_KINDS = ("scaling", "channel")
 _INSTALL_HINT = "pip install 'flowmatch[vae]'"
@@ -157,18 +166,33 @@ class VAELoadError(RuntimeError):
     """A VAE's weights could not be fetched or read (bad id, no network, unreadable folder)."""
 
 
+class VAEFolderNotFound(VAELoadError, FileNotFoundError):
+    """``source`` names a local folder that does not exist; raised before any network access.
+
+    Also a ``FileNotFoundError``, what a missing folder was reported as before."""
+
+
+# A Hugging Face Hub id: "name" or "org/name", letters, digits, "_", "-", "." (not leading).
+_HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?")
+
+
 def _looks_like_path(source: str) -> bool:
     """Whether ``source`` is meant as a local folder rather than a Hub id like ``org/name``.
 
-    A Hub id has at most one ``/`` and never starts with ``.``, ``/`` or ``~``; anything else
-    (``./vae``, ``/data/vae``, ``runs/x/vae``, ``C:\\vae``) names a folder.
+    A Hub id is ``name`` or ``org/name`` (see ``_HUB_ID``); anything else (``./vae``,
+    ``/data/vae``, ``runs/x/vae``, ``vae_dir/``, ``~/vae``, ``C:\\vae``) names a folder. A bare
+    ``vae`` or ``data/vae`` is a Hub id unless such a folder exists -- which is why a VAE used from
+    a folder is recorded by its absolute path (:func:`vae_source`).
     """
-    return (
-        source.startswith((".", "/", "~"))
-        or source.count("/") > 1
-        or (os.sep != "/" and os.sep in source)
-        or (os.altsep is not None and os.altsep != "/" and os.altsep in source)
-    )
+    return _HUB_ID.fullmatch(source) is None
+
+
+def vae_source(source: str | os.PathLike) -> str:
+    """How a VAE source is recorded (latent stores, checkpoints): an existing local folder by its
+    absolute path, so the record still finds it from another working directory; a Hub id as is."""
+    source = str(source)
+    local = Path(source).expanduser()
+    return os.path.abspath(local) if local.is_dir() else source
 
 
 def load_vae(
@@ -185,8 +209,8 @@ def load_vae(
 
     Raises:
         ImportError: diffusers is not installed (the message says how to install it).
-        FileNotFoundError: ``source`` looks like a local path (see ``_looks_like_path``) and is not
-            a folder.
+        VAEFolderNotFound: ``source`` looks like a local path (see ``_looks_like_path``) and is not
+            a folder (a ``VAELoadError`` and a ``FileNotFoundError``); the network is not tried.
         RuntimeError: the folder or Hub repository could not be read or fetched (no network, a
             wrong id, a gated repository...); the original message is included.
     """
@@ -197,7 +221,9 @@ def load_vae(
     source = str(source)
     local = Path(source).expanduser()
     if not local.is_dir() and _looks_like_path(source):
-        raise FileNotFoundError(f"VAE folder not found: {source}")
+        # No Hub id looks like this: asking the Hub would only retry for half a minute.
+        raise VAEFolderNotFound(f"VAE folder {source!r}: no such folder; pass --vae to say where "
+                                "it is now")
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
     if subfolder:
         kwargs["subfolder"] = subfolder
@@ -233,13 +259,14 @@ class Autoencoder:
     Args:
         vae: a diffusers ``AutoencoderKL``.
         normalization: how raw latents are scaled (see the module docstring).
-        source: where the VAE came from (Hub id or folder), recorded in latent stores.
+        source: where the VAE came from (Hub id, or a folder's absolute path: :func:`vae_source`),
+            recorded in latent stores and hence in checkpoints.
     """
 
     def __init__(self, vae: nn.Module, normalization: LatentNormalization, source: str):
         self.vae = vae.eval().requires_grad_(False)
         self.normalization = normalization
-        self.source = str(source)
+        self.source = vae_source(source)
 
     @classmethod
     def load(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -200,9 +201,24 @@ def _type_name(ann: Any) -> str:
     return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
 
 
+class _NotFinite(ConfigError):
+    """A float setting given as nan or +-inf."""
+
+
+def _finite(key: str, value: float) -> float:
+    """``value`` if it is a finite number. No setting of the schema or of a registry means
+    anything by nan or +-inf (a learning rate of inf trains NaNs; a clip norm of nan disables
+    nothing), so a non-finite float is refused wherever a float is declared; a field that ever
+    wants "no limit" says so with its own value (``grad_clip: 0`` disables clipping)."""
+    if not math.isfinite(value):
+        raise _NotFinite(f"{key}: must be a finite number, got {value!r}")
+    return value
+
+
 def check_value(key: str, value: Any, ann: Any) -> Any:
     """``value`` checked against the annotation ``ann`` and returned (ints widen to float, lists
     to tuples, a YAML-1.1 string like "1e-4" to a float); raises :class:`ConfigError` naming ``key``.
+    A float must be finite: nan and +-inf are refused (no setting means anything by them).
 
     The one type checker of the configuration: the schema here and every registry's arguments
     (:mod:`flowmatch.registry`) go through it."""
@@ -218,6 +234,8 @@ def check_value(key: str, value: Any, ann: Any) -> Any:
                 continue
             try:
                 return check_value(key, value, a)
+            except _NotFinite:  # the right type, an impossible value: say so, not "expected ..."
+                raise
             except ConfigError:
                 pass
         raise ConfigError(f"{key}: expected {_type_name(ann)}, got {value!r}")
@@ -252,12 +270,14 @@ def check_value(key: str, value: Any, ann: Any) -> Any:
         if isinstance(value, str):
             # YAML 1.1 reads "1e-4" (no dot) as a string; a number written that way is meant.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                return _finite(key, number)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return _finite(key, float(value))
     if ann is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -434,9 +454,13 @@ def _read_yaml(path: str | Path | None) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if raw is None:
+        # An empty file (or one of comments only) is a mistake -- a truncated copy, the wrong
+        # file -- far more often than a wish for the defaults, which `{}` or no file at all give.
+        raise ConfigError(f"config file {str(p)!r} is empty (write {{}} to mean all defaults)")
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(p)!r}: the top level must be a mapping")
     return raw

@@ -18,6 +18,7 @@ import torch.distributed as dist
 __all__ = [
     "DistInfo",
     "init",
+    "resolve_device",
     "info",
     "is_main",
     "print0",
@@ -59,24 +60,40 @@ def info() -> DistInfo:
     return _env_info()
 
 
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """The ``torch.device`` a ``--device`` / ``device:`` setting names, checked before any work.
+
+    "auto": CUDA GPU ``local_rank`` if torch sees one, else the CPU; "cpu"; "cuda": GPU
+    ``local_rank``. Anything else, or "cuda" on a machine without a usable GPU (a CPU-only torch,
+    no driver, ``CUDA_VISIBLE_DEVICES=""``), is a one-line ``ValueError`` saying what to pass.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return torch.device("cpu")
+    if device != "cuda":
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError("device cuda: no CUDA GPU is available (torch.cuda.is_available() is "
+                         "False); use --device cpu or auto")
+    if local_rank >= torch.cuda.device_count():  # more processes per node than GPUs
+        raise ValueError(f"device cuda: process LOCAL_RANK={local_rank} needs GPU {local_rank}, "
+                         f"but torch sees {torch.cuda.device_count()}; start at most that many "
+                         "processes per node (torchrun --nproc-per-node)")
+    return torch.device("cuda", local_rank)
+
+
 def init(device: str = "auto") -> tuple[DistInfo, torch.device]:
     """Pick the device and, under torchrun, join the process group.
 
-    ``device``: "auto" (CUDA if available, else CPU), "cpu", or "cuda". Under torchrun each process
-    takes the GPU ``LOCAL_RANK``. Returns the rank facts and the ``torch.device`` to use.
+    ``device``: "auto" (CUDA if available, else CPU), "cpu", or "cuda"
+    (:func:`resolve_device`; a ``ValueError`` for "cuda" without a GPU). Under torchrun each
+    process takes the GPU ``LOCAL_RANK``. Returns the rank facts and the ``torch.device`` to use.
     """
     env = _env_info()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA device")
-        torch.cuda.set_device(env.local_rank)
-        dev = torch.device("cuda", env.local_rank)
-    elif device == "cpu":
-        dev = torch.device("cpu")
-    else:
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    dev = resolve_device(device, env.local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if env.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = datetime.timedelta(minutes=30)

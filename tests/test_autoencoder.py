@@ -130,6 +130,50 @@ def test_hub_id_classification():
     assert _looks_like_path("./vae") and _looks_like_path("/abs/vae") and _looks_like_path("a/b/c")
 
 
+def test_hub_ids_and_local_folders_are_told_apart():
+    for hub_id in ("stabilityai/sd-vae-ft-ema", "madebyollin/taesd", "gpt2", "data/vae", "vae"):
+        assert not _looks_like_path(hub_id), hub_id
+    for folder in ("./vae", "../vae", "/abs/vae", "vae_dir/", "a/b/c", "~/vae", "my vae", ".vae"):
+        assert _looks_like_path(folder), folder
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """AutoencoderKL.from_pretrained reads local folders only: asking the Hub fails the test."""
+    import os
+
+    import diffusers
+
+    real = diffusers.AutoencoderKL.from_pretrained.__func__
+
+    def local_only(cls, source, *args, **kwargs):
+        assert os.path.isdir(source), f"the Hub was asked for {source!r}"
+        return real(cls, source, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", classmethod(local_only))
+
+
+@pytest.mark.parametrize("spelling", ["{name}", "./{name}", "{name}/", "{parent}/{name}"])
+def test_a_local_folder_is_recorded_by_its_absolute_path(vae_dir, monkeypatch, no_hub, spelling):
+    monkeypatch.chdir(vae_dir.parent)
+    source = spelling.format(name=vae_dir.name, parent=f"../{vae_dir.parent.name}")
+    ae = Autoencoder.load(source)
+    assert ae.source == str(vae_dir)  # absolute: the record works from any directory
+    assert Autoencoder(ae.vae, ae.normalization, source).source == str(vae_dir)
+    assert Autoencoder(ae.vae, ae.normalization, "org/hub-id").source == "org/hub-id"
+
+
+@pytest.mark.parametrize("name", ["./gone", "/no/such/vae", "gone_dir/", "runs/x/vae", "~/gone_vae_xyz"])
+def test_a_missing_local_folder_fails_at_once_naming_it(tmp_path, monkeypatch, no_hub, name):
+    from flowmatch.autoencoder import VAEFolderNotFound, VAELoadError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VAELoadError) as e:
+        Autoencoder.load(name)
+    assert isinstance(e.value, (VAEFolderNotFound, FileNotFoundError))
+    assert str(e.value) == f"VAE folder {name!r}: no such folder; pass --vae to say where it is now"
+
+
 def test_hub_failure_is_a_clear_error(monkeypatch):
     import diffusers
 

@@ -229,3 +229,65 @@ def test_yaml_exponent_without_dot_is_a_number():
     assert cfg.path.params["sigma_min"] == 1e-4
     with pytest.raises(ConfigError, match=r"train\.lr: expected a number"):
         config_from_dict({"train": {"lr": "1e-4x"}})
+
+
+# ----------------------------------------------------------------------------------------------
+# Reliability: an empty file and non-finite numbers are refused, naming the file or the key
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "null\n"])
+def test_an_empty_config_file_is_refused(tmp_path, text):
+    empty = tmp_path / "exp.yaml"
+    empty.write_text(text)
+    with pytest.raises(ConfigError, match=r"config file '.*exp\.yaml' is empty") as e:
+        load_config(empty, ["train.steps=5"])
+    assert len(str(e.value).splitlines()) == 1
+    with pytest.raises(ConfigError, match="is empty"):
+        load_experiment(empty)
+
+
+def test_no_file_or_an_explicit_empty_mapping_still_means_the_defaults(tmp_path):
+    assert load_config(None) == Config()
+    (tmp_path / "defaults.yaml").write_text("{}\n")
+    assert load_config(tmp_path / "defaults.yaml") == Config()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr=inf", "train.lr"),
+    ("train.lr=.inf", "train.lr"),
+    ("train.lr=nan", "train.lr"),
+    ("train.lr=.NaN", "train.lr"),
+    ("train.grad_clip=-.inf", "train.grad_clip"),
+    ("train.betas=[0.9, .nan]", "train.betas[1]"),
+    ("sample.atol=inf", "sample.atol"),
+    ("train.time_sampler.shift=inf", "train.time_sampler.shift"),
+])
+def test_non_finite_floats_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value).startswith(f"{key}: must be a finite number, got ")
+    assert len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.coupling.name=sinkhorn", "train.coupling.reg=inf"], "train.coupling.reg"),
+    (["train.time_sampler.name=logit_normal", "train.time_sampler.std=nan"], "train.time_sampler.std"),
+    (["path.scheduler=vp", "path.beta_max=inf"], "path.beta_max"),
+    (["model.arch=dit", "model.mlp_ratio=-inf"], "model.mlp_ratio"),
+])
+def test_non_finite_registry_arguments_are_refused_naming_the_key(overrides, key):
+    config_from_dict(apply_overrides({}, overrides))  # raw extras: the registry's to check
+    with pytest.raises(ConfigError, match=rf"^{key}: must be a finite number, got "):
+        load_experiment(None, overrides)
+
+
+def test_a_float_or_none_keeps_none_and_refuses_nan():
+    from flowmatch.config import check_value
+
+    assert check_value("k", None, float | None) is None
+    assert check_value("k", 2, float | None) == 2.0
+    with pytest.raises(ConfigError, match="^k: must be a finite number, got nan$"):
+        check_value("k", float("nan"), float | None)
+    with pytest.raises(ConfigError, match=r"^k: expected float \| None, got 'x'$"):
+        check_value("k", "x", float | None)

@@ -137,3 +137,37 @@ def test_two_process_ddp_with_ot_coupling_follows_the_single_process_trajectory(
         for key in ("model", "ema"):
             a, b = _flat(two[key]), _flat(ref[key])
             assert ((a - b).norm() / b.norm()).item() < 1e-5, (run, key)
+
+
+# ----------------------------------------------------------------------------------------------
+# The device: "cuda" without a GPU is one clear line, not a CUDA traceback
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cuda_without_a_gpu_is_a_one_line_value_error(monkeypatch):
+    import pytest
+
+    from flowmatch import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only torch
+    for call in (lambda: distributed.init("cuda"), lambda: distributed.resolve_device("cuda")):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == ("device cuda: no CUDA GPU is available (torch.cuda.is_available() "
+                                "is False); use --device cpu or auto")
+    assert distributed.resolve_device("auto") == torch.device("cpu")
+    assert distributed.init("cpu")[1] == torch.device("cpu")
+    with pytest.raises(ValueError, match="got 'gpu'"):
+        distributed.resolve_device("gpu")
+
+
+def test_more_processes_than_gpus_is_named(monkeypatch):
+    import pytest
+
+    from flowmatch import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="LOCAL_RANK=2 needs GPU 2, but torch sees 2"):
+        distributed.resolve_device("cuda", local_rank=2)

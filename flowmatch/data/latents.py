@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 
 from flowmatch import distributed
 from flowmatch.atomic import atomic_write_json
-from flowmatch.autoencoder import LatentNormalization
+from flowmatch.autoencoder import LatentNormalization, vae_source
 from flowmatch.data.imagefolder import ImageFolder
 
 __all__ = ["FORMAT", "EncodeSettings", "LatentStore", "encode_to_store", "read_store_meta"]
@@ -161,6 +161,7 @@ def _prepare_store(out: Path, store_meta: dict, overwrite: bool) -> dict:
         except ValueError as error:
             raise ValueError(f"{out} holds an unreadable latent store ({error}); pass "
                              "overwrite=True to replace it") from None
+        as_read, old = old, _adopt_absolute_vae(old, store_meta)
         diffs = [f"{k}: store has {old.get(k)!r}, this run has {store_meta[k]!r}"
                  for k in _SETTINGS if old.get(k) != store_meta[k]]
         if not diffs and old.get("sources_digest") != store_meta["sources_digest"]:
@@ -169,6 +170,8 @@ def _prepare_store(out: Path, store_meta: dict, overwrite: bool) -> dict:
             raise ValueError(f"{out} already holds a latent store made with other settings -- "
                              + "; ".join(diffs)
                              + ". Use another output folder, or overwrite=True to start over")
+        if old is not as_read:  # record the VAE folder absolutely from now on
+            atomic_write_json(meta_path, old)
         n = store_meta["count"]
         _check_npy(out / _LATENTS, (n, *store_meta["shape"]), _DTYPES[store_meta["dtype"]])
         if store_meta["has_std"]:
@@ -195,6 +198,23 @@ def _prepare_store(out: Path, store_meta: dict, overwrite: bool) -> dict:
     meta.update(channel_mean=None, channel_std=None, complete=False, written=0)
     atomic_write_json(meta_path, {"format": FORMAT, **meta})  # last: its presence means "created"
     return {"complete": False, "written": 0}
+
+
+def _adopt_absolute_vae(old: dict, store_meta: dict) -> dict:
+    """The meta of a store recorded with a relative VAE folder (``--vae ./vae``, as stores were
+    before VAE folders were recorded absolutely), with this run's absolute path instead when that
+    is the same folder seen from here and the images are the same; else ``old`` itself.
+
+    Without this, re-running the encoding that made such a store would refuse it as "made with
+    other settings" (and the relative record would keep failing from other directories)."""
+    recorded, vae = old.get("vae"), store_meta["vae"]
+    if not isinstance(recorded, str) or recorded == vae or vae_source(recorded) != vae:
+        return old
+    same_files = _sources_digest(store_meta["_rel_paths"], store_meta["image_size"],
+                                 store_meta["flip"], recorded)
+    if old.get("sources_digest") != same_files:
+        return old
+    return {**old, "vae": vae, "sources_digest": store_meta["sources_digest"]}
 
 
 @dataclass(frozen=True)
@@ -350,11 +370,12 @@ class _EncodeJob:
         if scaling.kind != "scaling":  # record the VAE's own factors whatever the wrapper uses
             scaling = LatentNormalization.from_vae_config(ae.vae.config)
         labels = np.repeat(np.asarray([y for _, y in self.dataset.samples], dtype=np.int64), s.copies)
+        vae = vae_source(ae.source)  # a folder by its absolute path: usable from anywhere later
         return {
             "count": self.n_images * s.copies,
             "shape": list(ae.latent_shape(s.image_size)),
             "dtype": s.dtype,
-            "vae": ae.source,
+            "vae": vae,
             "vae_scaling_factor": scaling.scaling_factor,
             "vae_shift_factor": scaling.shift_factor,
             "image_size": s.image_size,
@@ -362,8 +383,9 @@ class _EncodeJob:
             "flip": s.flip,
             "classes": list(self.dataset.classes),
             "has_std": s.store_posterior,
-            "sources_digest": _sources_digest(self.rel_paths, s.image_size, s.flip, ae.source),
+            "sources_digest": _sources_digest(self.rel_paths, s.image_size, s.flip, vae),
             "_labels": labels,
+            "_rel_paths": self.rel_paths,
         }
 
     def batches(self, start_image: int) -> list[list[int]]:

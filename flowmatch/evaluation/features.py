@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flowmatch.atomic import atomic_open
+from flowmatch.checkpoint import CheckpointError, read_weights_file, require_keys
 
 __all__ = [
     "Extractor",
@@ -216,10 +217,22 @@ def train_digit_classifier(out_path: str | os.PathLike, image_size: int = 16, st
 
 
 def load_digit_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> DigitClassifier:
-    """A ``DigitClassifier`` saved by ``train_digit_classifier`` (eval mode, on ``device``)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = DigitClassifier(checkpoint["image_size"], checkpoint["feature_dim"])
-    model.load_state_dict(checkpoint["state_dict"])
+    """A ``DigitClassifier`` saved by ``train_digit_classifier`` (eval mode, on ``device``).
+
+    Raises :class:`~flowmatch.checkpoint.CheckpointError` (one line naming the file) for a file
+    that is missing, corrupt, would execute code when unpickled, or is not such a classifier.
+    """
+    state = read_weights_file(path, "digit classifier")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"digit classifier {str(path)!r}: not a classifier saved by "
+                              "train_digit_classifier (no dict of weights)")
+    require_keys(state, ("image_size", "feature_dim", "state_dict"), path, "digit classifier")
+    model = DigitClassifier(state["image_size"], state["feature_dim"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"digit classifier {str(path)!r}: its weights do not fit the "
+                              f"classifier ({str(e).strip().splitlines()[0]})") from None
     return model.eval().to(device)
 
 

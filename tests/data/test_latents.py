@@ -189,6 +189,41 @@ def test_mismatched_rerun_refuses_naming_the_difference(setup, tmp_path):
     assert read_store_meta(out)["shape"] == [4, 32, 32] and LatentStore(out).data_shape == (4, 32, 32)
 
 
+def test_a_relative_vae_folder_is_recorded_by_its_absolute_path(setup, tmp_path, monkeypatch):
+    _, _, images = setup
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vae").mkdir()
+    ae = PoolingAutoencoder()
+    ae.source = "vae"  # as `--vae vae` gives it: a Hub id too, seen from any other directory
+    encode_to_store(ae, images, "store", image_size=SIZE, batch_size=4, progress=False)
+    assert read_store_meta(tmp_path / "store")["vae"] == str(tmp_path / "vae")
+    monkeypatch.chdir(images)
+    assert LatentStore(tmp_path / "store").vae_source == str(tmp_path / "vae")
+
+
+def test_a_store_recorded_with_a_relative_vae_path_is_adopted_on_rerun(setup, tmp_path, monkeypatch):
+    _, _, images = setup
+    monkeypatch.chdir(tmp_path)
+    ae = PoolingAutoencoder()
+    ae.source = "./vae"  # not a folder yet: recorded as given, as every store was before
+    kwargs = {"image_size": SIZE, "batch_size": 4, "progress": False}
+    encode_to_store(ae, images, "store", **kwargs)
+    assert read_store_meta(tmp_path / "store")["vae"] == "./vae"
+    before = np.load(tmp_path / "store" / "latents.npy")
+    (tmp_path / "vae").mkdir()
+    # The same command again: the same store, now recording where its VAE is from anywhere.
+    encode_to_store(ae, images, "store", **kwargs)
+    meta = read_store_meta(tmp_path / "store")
+    assert meta["complete"] and meta["vae"] == str(tmp_path / "vae")
+    assert np.array_equal(np.load(tmp_path / "store" / "latents.npy"), before)
+    encode_to_store(ae, images, "store", **kwargs)  # and again: nothing to adopt, nothing refused
+    # Another folder is still another VAE.
+    (tmp_path / "other").mkdir()
+    ae.source = "./other"
+    with pytest.raises(ValueError, match=r"vae: store has '.*vae', this run has '.*other'"):
+        encode_to_store(ae, images, "store", **kwargs)
+
+
 def test_bad_arguments(setup, tmp_path):
     _, ae, images = setup
     with pytest.raises(ValueError, match="dtype"):

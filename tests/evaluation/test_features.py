@@ -56,6 +56,54 @@ def test_digit_classifier_shapes_and_size_check():
         DigitClassifier(image_size=10)
 
 
+class _RunsCode:
+    """Unpickling this calls a function: what a weights-only load must refuse (never execute)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED_BY_CLASSIFIER",))
+
+
+class _Opaque:
+    """A plain class instance: harmless, but still not weights."""
+
+
+@pytest.mark.parametrize("payload", [_RunsCode(), {"state_dict": _Opaque(), "image_size": 16}],
+                         ids=["code", "instance"])
+def test_a_classifier_file_holding_objects_is_one_clear_error(tmp_path, monkeypatch, payload):
+    from flowmatch.checkpoint import CheckpointError
+
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "EVIL.pt"
+    torch.save(payload, evil)
+    with pytest.raises(CheckpointError) as e:
+        load_digit_classifier(evil)
+    message = str(e.value)
+    assert message.startswith(f"cannot read digit classifier '{evil}': not a weights file "
+                              "readable without executing code")
+    assert "weights_only" not in message and len(message.splitlines()) == 1
+    assert not (tmp_path / "PWNED_BY_CLASSIFIER").exists()
+
+
+def test_a_classifier_file_of_the_wrong_kind_names_what_is_missing(tmp_path, digit_classifier):
+    from flowmatch.checkpoint import CheckpointError
+
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {"w": torch.ones(1)}}, other)
+    with pytest.raises(CheckpointError, match=r"^digit classifier '.*other\.pt' lacks 'image_size', "
+                                              r"'feature_dim'"):
+        load_digit_classifier(other)
+    state = torch.load(digit_classifier[0], weights_only=True)
+    state["feature_dim"] = 32  # weights of another width
+    torch.save(state, other)
+    with pytest.raises(CheckpointError, match="its weights do not fit"):
+        load_digit_classifier(other)
+    torch.save([1, 2], other)
+    with pytest.raises(CheckpointError, match="not a classifier saved by train_digit_classifier"):
+        load_digit_classifier(other)
+
+
 # ----------------------------------------------------------------------------------------------
 # Registry, names, batching
 # ----------------------------------------------------------------------------------------------
