@@ -145,5 +145,8 @@ def broadcast_object(obj, src: int = 0):
 
 
 def cleanup() -> None:
+    """Leave the process group. Every rank first meets the others at a barrier: a rank that tore
+    the group down while rank 0 still worked (drawing the final samples) made its peers abort."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -25,7 +25,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flowmatch.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from flowmatch.checkpoint import (
+    SAMPLE_KEYS,
+    CheckpointError,
+    find_checkpoint,
+    load_checkpoint,
+)
 from flowmatch.components import (
     build_model_from_config,
     experiment_from_dict,
@@ -179,7 +184,8 @@ class Run:
         checkpoint (foreign, truncated, a stored config or weights that do not fit).
         """
         file = find_checkpoint(source)
-        state = load_checkpoint(file, map_location="cpu")
+        state = load_checkpoint(file, map_location="cpu",
+                                require=SAMPLE_KEYS if use_ema else (*SAMPLE_KEYS, "model"))
         try:
             cfg = experiment_from_dict(state["config"])
             data_shape, num_classes = tuple(state["data_shape"]), int(state["num_classes"])

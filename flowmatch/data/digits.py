@@ -81,6 +81,7 @@ class Digits(Dataset):
 
     kind = "image"
     num_classes = 10
+    class_names = [str(d) for d in range(10)]  # label k is the digit k
 
     def __init__(
         self, image_size: int = 16, split: str = "all", seed: int = 0, test_fraction: float = 0.2

@@ -46,6 +46,7 @@ from flowmatch import distributed
 from flowmatch.atomic import atomic_write_json
 from flowmatch.autoencoder import LatentNormalization, vae_source
 from flowmatch.data.imagefolder import ImageFolder
+from flowmatch.rundir import lock_run_dir
 
 __all__ = ["FORMAT", "EncodeSettings", "LatentStore", "encode_to_store", "read_store_meta"]
 
@@ -306,13 +307,14 @@ def encode_to_store(
     dataset = ImageFolder(image_root, settings.image_size, channels=3,
                           center_crop=settings.center_crop)
     job = _EncodeJob(autoencoder, dataset, Path(out_dir), settings, rank, world_size)
-    store_meta = job.store_meta()
-    plan = _prepare_on_rank0(job.out, store_meta, settings.overwrite, rank)
-    if plan["complete"]:
-        distributed.print0(f"{job.out}: latent store already complete ({store_meta['count']} latents)")
-        return job.out
-    meta = job.write_from(plan["written"], progress)
-    job.finish(meta)
+    with lock_run_dir(job.out, "encode-latents"):  # one writer at a time
+        store_meta = job.store_meta()
+        plan = _prepare_on_rank0(job.out, store_meta, settings.overwrite, rank)
+        if plan["complete"]:
+            distributed.print0(f"{job.out}: latent store already complete ({store_meta['count']} latents)")
+            return job.out
+        meta = job.write_from(plan["written"], progress)
+        job.finish(meta)
     return job.out
 
 
@@ -553,6 +555,7 @@ class LatentStore(Dataset):
         self.count = n
         self.data_shape: tuple[int, ...] = shape
         self.num_classes = len(self.classes)
+        self.class_names = list(self.classes) or None
         self.posterior = bool(sample_posterior)
         self.vae_source: str = meta["vae"]
         self.image_size = int(meta["image_size"])

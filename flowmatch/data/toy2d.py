@@ -111,6 +111,7 @@ class Toy2D(Dataset):
     kind = "vector"
     data_shape: tuple[int, ...] = (2,)
     num_classes = 0
+    class_names = None
 
     def __init__(self, name: str, n: int = 100_000, seed: int = 0):
         self.name = name

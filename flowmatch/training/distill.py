@@ -316,7 +316,7 @@ def _run(kind: str, teacher: str | Path, out_dir: str | Path, job: PairJob, stud
     out_dir = Path(out_dir)
     file = find_checkpoint(teacher)
     refuse_teacher_dir(file, out_dir)
-    teacher_cfg = config_from_dict(load_checkpoint(file, map_location="cpu")["config"])
+    teacher_cfg = config_from_dict(load_checkpoint(file, map_location="cpu", require=("config",))["config"])
     # the student's config first: a bad override fails before any teacher work
     cfg = student_config(teacher_cfg, file, out_dir / "pairs", out_dir, student, job.times)
     with lock_run_dir(out_dir, kind):  # one writer: the pairs, then the student's training

@@ -174,9 +174,10 @@ class Checkpoints:
     """``folder/latest.pt`` (the resume point) and numbered snapshots ``folder/step_XXXXXXX.pt``,
     written atomically (:func:`flowmatch.checkpoint.save_checkpoint`)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, require: tuple[str, ...] = ()):
         self.folder = Path(folder)
         self.latest = self.folder / "latest.pt"
+        self.require = tuple(require)  # keys a readable latest.pt must hold (CheckpointError otherwise)
 
     def write(self, state: dict, snapshot: bool = False) -> None:
         """Write ``state`` (which holds its ``"step"``) as latest.pt, and as a snapshot if asked."""
@@ -186,7 +187,9 @@ class Checkpoints:
 
     def read(self, device: torch.device | str = "cpu") -> dict | None:
         """The latest state, or None when there is none."""
-        return load_checkpoint(self.latest, map_location=device) if self.latest.is_file() else None
+        if not self.latest.is_file():
+            return None
+        return load_checkpoint(self.latest, map_location=device, require=self.require)
 
 
 class MetricsLog:

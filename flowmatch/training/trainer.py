@@ -28,7 +28,7 @@ from torch import nn
 
 from flowmatch import distributed
 from flowmatch.atomic import atomic_open
-from flowmatch.checkpoint import CheckpointError, load_checkpoint
+from flowmatch.checkpoint import RESUME_KEYS, CheckpointError, load_checkpoint
 from flowmatch.components import (
     build_model_from_config,
     latent_info,
@@ -99,7 +99,7 @@ class TrainResult:
 
 # What a resumed run must share with its checkpoint (besides the model, checked apart): the data, the
 # probability path and the objective. Schedules, budgets, logging and sampling may change.
-RESUME_KEYS = ("data", "path", "train.objective")
+RESUME_MUST_MATCH = ("data", "path", "train.objective")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -112,12 +112,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def resume_conflicts(saved: Config, cfg: Config, saved_latent: dict | None,
                      latent: dict | None) -> list[str]:
-    """``"key: checkpoint X, config Y"`` for each setting under :data:`RESUME_KEYS` that differs
+    """``"key: checkpoint X, config Y"`` for each setting under :data:`RESUME_MUST_MATCH` that differs
     between a checkpoint's config and this one, and for a latent store from another VAE or with
     another normalisation (same shape, other latent space)."""
     old, new = _flat(config_to_dict(saved)), _flat(config_to_dict(cfg))
     keys = sorted(k for k in set(old) | set(new)
-                  if any(k == r or k.startswith(r + ".") for r in RESUME_KEYS) and old.get(k) != new.get(k))
+                  if any(k == r or k.startswith(r + ".") for r in RESUME_MUST_MATCH) and old.get(k) != new.get(k))
     out = [f"{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}" for k in keys]
     for part in ("vae", "normalization"):
         was, now = (saved_latent or {}).get(part), (latent or {}).get(part)
@@ -188,7 +188,7 @@ class Trainer:
                                                  self.stream.rows)
         else:
             self.objective = FlowMatching(self.path)
-        self.checkpoints = Checkpoints(self.ckpt_dir)
+        self.checkpoints = Checkpoints(self.ckpt_dir, require=RESUME_KEYS)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", plot=self.run_dir / "loss.png",
                                   title=f"{cfg.name}: flow-matching loss")
         self._source = None  # the batch source of the running fit()
@@ -249,7 +249,7 @@ class Trainer:
         from flowmatch.checkpoint import find_checkpoint
 
         file = find_checkpoint(source)
-        state = load_checkpoint(file, map_location=self.device)
+        state = load_checkpoint(file, map_location=self.device, require=("ema",))
         try:
             self.model.load_state_dict(state["ema"])
         except (KeyError, RuntimeError) as e:

@@ -35,11 +35,14 @@ import torch
 import yaml
 from torch import nn
 
+from flowmatch import distributed
+from flowmatch.atomic import atomic_open
 from flowmatch.autoencoder import Autoencoder, load_vae
 from flowmatch.checkpoint import CheckpointError
 from flowmatch.config import ConfigError
 from flowmatch.data.imagefolder import ImageFolder
 from flowmatch.imageio import save_image_grid
+from flowmatch.rundir import lock_run_dir, remove_stale_temps
 from flowmatch.training.batches import BatchStream, StreamLoader, step_generator
 from flowmatch.training.ema import EMA
 from flowmatch.training.loop import (
@@ -188,11 +191,7 @@ def finetune_loss(
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA device")
-    return torch.device(name)
+    return distributed.resolve_device(name)
 
 
 def _trainable_parameters(vae: nn.Module, train_encoder: bool) -> list[nn.Parameter]:
@@ -306,10 +305,20 @@ def finetune_vae(
     if perceptual_net is not None and cfg.perceptual == "none":
         raise ConfigError("perceptual: is 'none', but a perceptual network was passed; set "
                           "perceptual: lpips (the network replaces LPIPS) or pass none")
-    device, out = _device(cfg.device), Path(cfg.out_dir)
-    checkpoints = Checkpoints(out / "checkpoints")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    device = _device(cfg.device)
+    with lock_run_dir(cfg.out_dir, "finetune-vae"):  # one writer at a time
+        return _finetune(cfg, perceptual_net, progress, device)
+
+
+def _finetune(cfg: VAEFinetuneConfig, perceptual_net: nn.Module | None, progress: bool,
+              device: torch.device) -> Path:
+    """The body of :func:`finetune_vae`, run while holding the output folder's lock."""
+    out = Path(cfg.out_dir)
+    checkpoints = Checkpoints(out / "checkpoints", require=("step", "vae", "ema", "optimizer"))
+    remove_stale_temps(out)
+    remove_stale_temps(checkpoints.folder)
+    with atomic_open(out / "config.yaml", "w") as f:
+        f.write(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     learner, latent_shape = _learner(cfg, device, checkpoints.latest)
     perceptual_net = _perceptual(cfg, perceptual_net, device)
     dataset = ImageFolder(cfg.images, cfg.image_size, channels=3, center_crop=True)

@@ -233,3 +233,25 @@ def test_cfg_scale_on_a_run_without_label_dropout_is_refused(tmp_path, capsys):
     assert "label_dropout = 0" in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
     assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "g.png"), "--device", "cpu"]) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. a checkpoint with the format marker but missing keys
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("drop, command", [("ema", "sample"), ("optimizer", "train")])
+def test_a_checkpoint_missing_keys_is_one_line_naming_them(tmp_path, capsys, drop, command):
+    from flowmatch.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    assert main(["train", *_toy(run, 2), "--no-progress"]) == 0
+    latest = run / "checkpoints" / "latest.pt"
+    state = load_checkpoint(latest)
+    del state[drop]
+    save_checkpoint(state, latest)
+    args = (["sample", str(run), "--n", "4", "--out", str(tmp_path / "s.npy"), "--device", "cpu"]
+            if command == "sample" else ["train", *_toy(run, 4), "--no-progress"])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and repr(drop) in err[0] and str(latest) in err[0]
