@@ -8,8 +8,10 @@ lacking a key its reader needs -- is one :class:`CheckpointError` naming the fil
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import re
+import shutil
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -46,11 +48,21 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then rename.
 
-    A crash or Ctrl-C during the write leaves the previous file intact.
+    A crash or Ctrl-C during the write leaves the previous file intact. A write the file system
+    refuses (full, read-only, quota) raises :class:`CheckpointError` in one line, saying how much
+    space is free there; the temporary file is removed and the previous checkpoint stays.
     """
     path = Path(path)
-    with atomic_open(path, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
+    try:
+        with atomic_open(path, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as RuntimeError
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        free = ""
+        with contextlib.suppress(OSError):
+            free = f"; {shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+        raise CheckpointError(f"cannot write the checkpoint {path} ({reason}{free}); the previous "
+                              "checkpoint, if any, is intact") from None
     return path
 
 

@@ -255,3 +255,72 @@ def test_a_checkpoint_missing_keys_is_one_line_naming_them(tmp_path, capsys, dro
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and repr(drop) in err[0] and str(latest) in err[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. a file system that refuses the write
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys,
+                                                                              monkeypatch):
+    """The write fails the way torch reports a full file system (an 8 MB tmpfs gave this message)."""
+    import flowmatch.checkpoint as ckpt
+
+    run = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def save_until_full(obj, f, *args, **kwargs):
+        calls.append(obj["step"])
+        if len(calls) > 1:  # the second checkpoint: some bytes, then the disk is full
+            f.write(b"PK\x03\x04 partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0\n"
+                               "PytorchStreamWriter failed writing file data/0: file write failed")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", save_until_full)
+    assert main(["train", *_toy(run, 6, "train.save_every=2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write the checkpoint" in err[0] and "file write failed" in err[0]
+    assert "MiB free" in err[0] and "Traceback" not in err[0]
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["step"] == 2  # the last good one
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_read_only_run_directory_is_one_line(tmp_path, capsys, monkeypatch):
+    """As a read-only folder refuses it: creating the temporary file fails (root ignores chmod, so
+    the refusal is simulated where the write starts)."""
+    import flowmatch.atomic as atomic
+
+    run = tmp_path / "run"
+    assert main(["train", *_toy(run, 2), "--no-progress"]) == 0
+    before = (run / "checkpoints" / "latest.pt").read_bytes()
+
+    def read_only(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied", str(dir))
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)
+    assert main(["train", *_toy(run, 4), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Permission denied" in err[0]
+    assert (run / "checkpoints" / "latest.pt").read_bytes() == before
+
+
+def test_eval_nll_prints_its_result_before_writing_it(tmp_path, capsys, monkeypatch):
+    import flowmatch.atomic as atomic
+
+    run = tmp_path / "run"
+    assert main(["train", *_toy(run, 2), "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(atomic, "atomic_write_json", read_only)
+    assert main(["eval", "nll", str(run), "--n", "16", "--steps", "4", "--method", "euler",
+                 "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])  # the number is not lost
+    assert result["n"] == 16 and {"nll_nats", "bits_per_dim"} <= set(result)
+    assert "Permission denied" in err
