@@ -16,7 +16,7 @@ import importlib
 import sys
 import warnings
 
-__all__ = ["MOVED", "alias_module"]
+__all__ = ["MOVED", "alias_module", "moved_names"]
 
 #: old module name -> new module name, for every module that moved (documentation and tests)
 MOVED: dict[str, str] = {
@@ -29,6 +29,24 @@ MOVED: dict[str, str] = {
     "flowmatch.sampling": "flowmatch.flow.sampling",
     "flowmatch.training.checkpoint": "flowmatch.checkpoint",
 }
+
+
+def moved_names(module: str, moved: dict[str, str]):
+    """A module ``__getattr__`` (PEP 562) for names that moved out of ``module``: ``moved`` maps each
+    old name to its new module; reading it there imports that module (lazily, so no import cycle),
+    warns with a ``DeprecationWarning`` naming the new place, and returns the very same object.
+
+    Use: ``__getattr__ = moved_names(__name__, {"save_scatter": "flowmatch.plots"})``.
+    """
+
+    def __getattr__(name: str):
+        if name not in moved:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        warnings.warn(f"{module}.{name} moved to {moved[name]}.{name}; import it from there (the old "
+                      "name will be removed)", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(moved[name]), name)
+
+    return __getattr__
 
 
 def alias_module(old: str, new: str) -> None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from flowmatch.deprecation import moved_names
 
 __all__ = [
     "to_uint8",
@@ -34,14 +35,7 @@ __all__ = [
 _MOVED_TO_PLOTS = ("save_scatter", "save_line_plot")
 
 
-def __getattr__(name: str):
-    if name in _MOVED_TO_PLOTS:
-        warnings.warn(f"flowmatch.imageio.{name} moved to flowmatch.plots.{name}; import it from "
-                      "there (the old name will be removed)", DeprecationWarning, stacklevel=2)
-        from flowmatch import plots
-
-        return getattr(plots, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_names(__name__, dict.fromkeys(_MOVED_TO_PLOTS, "flowmatch.plots"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,3 +28,18 @@ def test_new_paths_export_what_the_old_ones_did():
     for new in MOVED.values():
         module = importlib.import_module(new)
         assert module.__all__ and all(hasattr(module, name) for name in module.__all__)
+
+
+@pytest.mark.parametrize("module, name, new", [
+    ("flowmatch.training.trainer", "model_from_checkpoint", "flowmatch.run"),
+    ("flowmatch.training.trainer", "build_model_from_config", "flowmatch.components"),
+    ("flowmatch.imageio", "save_scatter", "flowmatch.plots"),
+    ("flowmatch.evaluation.likelihood", "evaluate_nll", "flowmatch.evaluation.nll"),
+])
+def test_names_that_moved_out_of_a_module_still_resolve_with_a_warning(module, name, new):
+    old = importlib.import_module(module)
+    with pytest.warns(DeprecationWarning, match=f"{new}.{name}"):
+        obj = getattr(old, name)
+    assert obj is getattr(importlib.import_module(new), name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        old.no_such_name

@@ -19,9 +19,11 @@ as one process would; only rank 0 writes the cached ``.npz`` and the result JSON
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +43,12 @@ from flowmatch.evaluation.features import (
     load_digit_classifier,
     train_digit_classifier,
 )
-from flowmatch.evaluation.frechet import FeatureStats, frechet_distance, precision_recall, seeded_subset
+from flowmatch.evaluation.frechet import (
+    FeatureStats,
+    frechet_distance,
+    precision_recall,
+    seeded_subset,
+)
 
 __all__ = [
     "FidSettings",
@@ -200,9 +207,19 @@ def _reference_stats(ref: Path, extractor: Extractor, image_size: int, dim: int,
     return real, cache
 
 
+def _settings_from_old_keywords(settings: FidSettings, old: dict) -> FidSettings:
+    unknown = sorted(set(old) - {"batch_size", "k", "pr_samples"})
+    if unknown:
+        raise TypeError(f"fid_from_folders: unknown keyword(s) {', '.join(unknown)}")
+    warnings.warn("fid_from_folders(batch_size=, k=, pr_samples=) is deprecated: pass "
+                  "settings=FidSettings(...)", DeprecationWarning, stacklevel=3)
+    return dataclasses.replace(settings, **old)
+
+
 def fid_from_folders(samples_dir: str | os.PathLike, ref: str | os.PathLike, extractor: Extractor,
                      image_size: int, *, settings: FidSettings = FidSettings(),
-                     ref_cache: str | os.PathLike | None = None, write_json: bool = True) -> dict:
+                     ref_cache: str | os.PathLike | None = None, write_json: bool = True,
+                     **deprecated) -> dict:
     """FID (and k-NN precision / recall) of a folder of samples against a reference.
 
     Args:
@@ -216,6 +233,8 @@ def fid_from_folders(samples_dir: str | os.PathLike, ref: str | os.PathLike, ext
             ``<ref>.fid_<extractor>_<image_size>.npz`` next to the folder. Reused while the
             folder's files are unchanged (same fingerprint); recomputed otherwise.
         write_json: also write the result to ``samples_dir/fid_<extractor>.json``.
+        deprecated: the old flat keywords ``batch_size``, ``k``, ``pr_samples`` (now fields of
+            ``settings``): still accepted, with a DeprecationWarning; any other is a TypeError.
 
     Under ``torchrun`` (process group initialised) this is a collective: every rank extracts a
     share of each folder (``folder_stats``), gets the same result, and only rank 0 writes the
@@ -229,6 +248,8 @@ def fid_from_folders(samples_dir: str | os.PathLike, ref: str | os.PathLike, ext
     Raises:
         ValueError: the reference stats do not match the extractor, dimension or image size.
     """
+    if deprecated:
+        settings = _settings_from_old_keywords(settings, deprecated)
     samples_dir, ref = Path(samples_dir), Path(ref)
     name = extractor_name(extractor)
     fake = folder_stats(samples_dir, extractor, image_size, settings.batch_size,

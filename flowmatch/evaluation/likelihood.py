@@ -49,13 +49,13 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from flowmatch.deprecation import moved_names
 from flowmatch.flow.paths import AffinePath
 from flowmatch.flow.solvers import solve_ode
 
@@ -384,14 +384,6 @@ def bits_per_dim(log_p: Tensor, dim: int, levels: int | None = None) -> Tensor:
     return bpd
 
 
-def __getattr__(name: str):
-    # evaluate_nll, the `eval nll` job, moved to flowmatch.evaluation.nll: it loads runs and data,
-    # which this module (the math) should not. Imported lazily, as the very same function.
-    if name == "evaluate_nll":
-        warnings.warn("flowmatch.evaluation.likelihood.evaluate_nll moved to "
-                      "flowmatch.evaluation.nll.evaluate_nll; import it from there",
-                      DeprecationWarning, stacklevel=2)
-        from flowmatch.evaluation.nll import evaluate_nll
-
-        return evaluate_nll
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# evaluate_nll, the `eval nll` job, moved to flowmatch.evaluation.nll: it loads runs and data, which
+# this module (the math) should not
+__getattr__ = moved_names(__name__, {"evaluate_nll": "flowmatch.evaluation.nll"})

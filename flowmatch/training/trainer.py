@@ -42,6 +42,7 @@ from flowmatch.config import (
     dump_config,
 )
 from flowmatch.data import build_dataset
+from flowmatch.deprecation import moved_names
 from flowmatch.flow.coupling import build_coupling
 from flowmatch.flow.paths import build_path
 from flowmatch.flow.time_samplers import build_time_sampler
@@ -486,3 +487,9 @@ class Trainer:
                     break
         self._close_run(status)
         return TrainResult(step=self.step, status=status, run_dir=self.run_dir, last_loss=loss)
+
+
+# names that used to live here, forwarded to their new modules with a DeprecationWarning
+__getattr__ = moved_names(__name__, {
+    "model_from_checkpoint": "flowmatch.run", "build_model_from_config": "flowmatch.components",
+    "latent_info": "flowmatch.components", "load_autoencoder_for": "flowmatch.components"})

@@ -141,3 +141,13 @@ def test_old_import_paths_still_work():
         assert getattr(fid, name) is getattr(features, name)
     assert classify.load_digit_classifier is features.load_digit_classifier
     assert callable(fid.eval_fid_main) and callable(classify.classifier_accuracy)
+
+
+def test_old_flat_keywords_still_work_with_a_deprecation_warning(tmp_path):
+    import flowmatch.evaluation.fid as fid
+
+    with pytest.warns(DeprecationWarning, match="FidSettings"):
+        settings = fid._settings_from_old_keywords(fid.FidSettings(), {"k": 5, "batch_size": 8})
+    assert (settings.k, settings.batch_size) == (5, 8)
+    with pytest.raises(TypeError, match="kk"):
+        fid.fid_from_folders(tmp_path, tmp_path, None, 16, kk=3)
