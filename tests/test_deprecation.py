@@ -32,7 +32,7 @@ def test_new_paths_export_what_the_old_ones_did():
 
 @pytest.mark.parametrize("module, name, new", [
     ("flowmatch.training.trainer", "model_from_checkpoint", "flowmatch.run"),
-    ("flowmatch.training.trainer", "build_model_from_config", "flowmatch.components"),
+    ("flowmatch.training.trainer", "load_autoencoder_for", "flowmatch.components"),
     ("flowmatch.imageio", "save_scatter", "flowmatch.plots"),
     ("flowmatch.evaluation.likelihood", "evaluate_nll", "flowmatch.evaluation.nll"),
 ])

@@ -490,6 +490,6 @@ class Trainer:
 
 
 # names that used to live here, forwarded to their new modules with a DeprecationWarning
-__getattr__ = moved_names(__name__, {
-    "model_from_checkpoint": "flowmatch.run", "build_model_from_config": "flowmatch.components",
-    "latent_info": "flowmatch.components", "load_autoencoder_for": "flowmatch.components"})
+# (build_model_from_config and latent_info are imported here: they still resolve without one)
+__getattr__ = moved_names(__name__, {"model_from_checkpoint": "flowmatch.run",
+                                     "load_autoencoder_for": "flowmatch.components"})
