@@ -324,3 +324,35 @@ def test_eval_nll_prints_its_result_before_writing_it(tmp_path, capsys, monkeypa
     result = json.loads(out.strip().splitlines()[-1])  # the number is not lost
     assert result["n"] == 16 and {"nll_nats", "bits_per_dim"} <= set(result)
     assert "Permission denied" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. class names travel with the run
+# ----------------------------------------------------------------------------------------------
+
+
+def test_class_names_of_a_folder_run_are_in_its_checkpoint_and_run(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from flowmatch.run import Run
+
+    root = tmp_path / "images"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / name / f"{i}.png")
+    (root / "emu").mkdir()  # empty: warned about, not a class
+    run, cfg = tmp_path / "run", tmp_path / "folder.yaml"
+    cfg.write_text(f"""
+out_dir: {run}
+device: cpu
+data: {{kind: folder, root: {root}, image_size: 8, channels: 3}}
+model: {{arch: unet, class_cond: true, base_channels: 8, channel_mults: [1], attn_levels: []}}
+train: {{steps: 1, batch_size: 4, sample_every: 0}}
+sample: {{steps: 1, n: 4}}
+""")
+    with pytest.warns(UserWarning, match="emu"):
+        assert main(["train", str(cfg), "--no-progress"]) == 0
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["class_names"] == ["cat", "dog"]
+    assert Run.load(run).class_names == ["cat", "dog"]
