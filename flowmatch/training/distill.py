@@ -319,6 +319,7 @@ def _run(kind: str, teacher: str | Path, out_dir: str | Path, job: PairJob, stud
     teacher_cfg = config_from_dict(load_checkpoint(file, map_location="cpu", require=("config",))["config"])
     # the student's config first: a bad override fails before any teacher work
     cfg = student_config(teacher_cfg, file, out_dir / "pairs", out_dir, student, job.times)
+    distributed.init(job.device)  # every rank joins first, so a refused lock stops them all
     with lock_run_dir(out_dir, kind):  # one writer: the pairs, then the student's training
         pairs_meta = make_pairs(file, out_dir / "pairs", job)
         distributed.print0(f"{kind}: {job.n} teacher trajectories, {pairs_meta['nfe_per_pair']} NFE "
