@@ -46,6 +46,7 @@ __all__ = [
     "PathConfig",
     "SampleConfig",
     "TimeSamplerConfig",
+    "LogConfig",
     "TrainConfig",
     "apply_overrides",
     "check_value",
@@ -128,6 +129,13 @@ class CouplingConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where training metrics go besides metrics.jsonl and loss.png (always written)."""
+
+    tensorboard: bool = False  # also TensorBoard event files in RUN_DIR/tensorboard (extra: tensorboard)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 2000  # optimizer steps
     batch_size: int = 128  # samples per process per micro-step; global batch = this x processes x grad_accum
@@ -155,6 +163,8 @@ class TrainConfig:
     save_every: int = 500  # steps between writes of checkpoints/latest.pt; 0 = only at the end
     keep_every: int = 0  # steps between kept snapshots checkpoints/step_XXXXXXX.pt; 0 disables
     num_workers: int = 0  # DataLoader worker processes for data sets read from disk
+    compile: bool = False  # torch.compile the network for training (same numbers, faster kernels)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 @dataclass
@@ -173,6 +183,7 @@ class SampleConfig:
     use_ema: bool = True
     atol: float = 1e-5  # adaptive solvers only
     rtol: float = 1e-5
+    compile: bool = False  # torch.compile the network for sampling
 
 
 @dataclass
