@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "flowmatch"
 # lower number = lower layer; a module may import its own top-level unit or any lower layer
 LAYERS = {
     "flowmatch.config": 0, "flowmatch.atomic": 0, "flowmatch.distributed": 0, "flowmatch.deprecation": 0,
+    "flowmatch.progress": 0,
     "flowmatch.checkpoint": 1, "flowmatch.registry": 1, "flowmatch.rundir": 1,
     "flowmatch.imageio": 2, "flowmatch.autoencoder": 2, "flowmatch.flow": 2, "flowmatch.models": 2,
     "flowmatch.plots": 3, "flowmatch.data": 3,

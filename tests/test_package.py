@@ -12,8 +12,9 @@ MODULES = [
     "flowmatch.flow.solver_registry", "flowmatch.registry", "flowmatch.components", "flowmatch.run",
     "flowmatch.plots", "flowmatch.evaluation.frechet", "flowmatch.evaluation.features",
     "flowmatch.evaluation.nll", "flowmatch.evaluation.generate", "flowmatch.training.distill",
+    "flowmatch.progress", "flowmatch.training.loop",
 ]
-HEAVY = ["diffusers", "sklearn", "torchdiffeq", "scipy", "lpips", "torchvision", "matplotlib"]
+HEAVY = ["diffusers", "sklearn", "torchdiffeq", "scipy", "lpips", "torchvision", "matplotlib", "tensorboard"]
 
 
 def test_imports_have_no_side_effects():

@@ -10,6 +10,7 @@ from flowmatch.cli.common import (
     add_command,
     add_device,
     add_no_ema,
+    add_no_progress,
     add_run_source,
     add_sampling_option,
 )
@@ -55,6 +56,7 @@ def _add_fid(metrics) -> None:
                         "not exist yet")
     p.add_argument("--image-size", type=int, default=299, help="images are resized to this square")
     p.add_argument("--batch-size", type=int, default=256, help="images per feature batch")
+    add_no_progress(p)
     add_device(p)
 
 
@@ -105,6 +107,7 @@ def _add_nll(metrics) -> None:
                         "N(0, sigma_0^2 I), an approximation")
     add_no_ema(p)
     p.add_argument("--out", default=None, help="JSON file to write (default: RUN_DIR/nll.json)")
+    add_no_progress(p)
     add_device(p)
 
 
@@ -143,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
             distributed.print0(json.dumps({k: res[k] for k in ("accuracy", "n", "per_class")}))
             return EXIT_OK
         res = eval_fid_main(args.samples, args.ref, args.extractor, args.image_size,
-                            classifier=args.classifier, batch_size=args.batch_size, device=device)
+                            classifier=args.classifier, batch_size=args.batch_size, device=device,
+                            progress=not args.no_progress)
         distributed.print0(json.dumps({k: res[k] for k in ("fid", "precision", "recall", "n_samples",
                                                            "n_reference", "extractor") if k in res}))
         return EXIT_OK
@@ -172,7 +176,8 @@ def _eval_nll(args: argparse.Namespace, device) -> int:
                        probe=args.probe, n_probes=args.probes, method=args.method, steps=args.steps,
                        atol=args.atol, rtol=args.rtol, batch_size=args.batch_size, seed=args.seed,
                        use_ema=not args.no_ema, device=device, dequantize_mode=args.dequantize,
-                       allow_approximate_prior=args.allow_approximate_prior)
+                       allow_approximate_prior=args.allow_approximate_prior,
+                       progress=not args.no_progress and distributed.is_main())
     file = find_checkpoint(args.checkpoint)
     run_dir = file.parent.parent if file.parent.name == "checkpoints" else file.parent
     out = Path(args.out) if args.out else run_dir / "nll.json"

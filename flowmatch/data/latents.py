@@ -46,6 +46,7 @@ from flowmatch import distributed
 from flowmatch.atomic import atomic_write_json
 from flowmatch.autoencoder import LatentNormalization, vae_source
 from flowmatch.data.imagefolder import ImageFolder
+from flowmatch.progress import Progress
 from flowmatch.rundir import lock_run_dir
 
 __all__ = ["FORMAT", "EncodeSettings", "LatentStore", "encode_to_store", "read_store_meta"]
@@ -279,7 +280,7 @@ def encode_to_store(
         settings: an :class:`EncodeSettings`; ``options`` are its fields given as keywords
             (``image_size=32, flip=True, ...``), alone or replacing fields of ``settings``. A
             misspelt option is a ``TypeError`` naming it.
-        progress: a tqdm bar on rank 0.
+        progress: show the progress on rank 0 (a bar on a terminal, a line per interval elsewhere).
         rank, world_size: this process among ``world_size`` (from torchrun; see
             :func:`flowmatch.distributed.info`). ``world_size > 1`` needs an initialised process
             group. Work is split by index: in each global batch of ``batch_size x world_size``
@@ -409,7 +410,8 @@ class _EncodeJob:
         stds = np.lib.format.open_memmap(self.out / _STD, mode="r+") if s.store_posterior else None
         loader = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=_FixedBatches(batches),
                                                   num_workers=s.num_workers))
-        bar = self._progress_bar(written) if progress and self.rank == 0 else None
+        bar = Progress(self.n_images * s.copies, "encode latents", unit="latents", initial=written,
+                       enabled=progress and self.rank == 0)
         meta = read_store_meta(self.out) if self.rank == 0 else None
         try:
             for k, images in enumerate(batches):
@@ -422,18 +424,10 @@ class _EncodeJob:
                 if self.rank == 0:
                     meta["written"] = done
                     atomic_write_json(self.out / _META, meta)
-                    if bar is not None:
-                        bar.update(done - bar.n)
+                    bar.update(done - bar.n)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         return meta
-
-    def _progress_bar(self, written: int):
-        from tqdm.auto import tqdm
-
-        return tqdm(total=self.n_images * self.settings.copies, initial=written,
-                    desc="encode latents", unit="latent", dynamic_ncols=True)
 
     def _encode(self, x: torch.Tensor, images: list[int]):
         """Store rows for images ``images`` (pixels ``x`` (b, 3, S, S)): (row index, mean, std).

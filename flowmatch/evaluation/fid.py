@@ -49,6 +49,7 @@ from flowmatch.evaluation.frechet import (
     precision_recall,
     seeded_subset,
 )
+from flowmatch.progress import Progress
 
 __all__ = [
     "FidSettings",
@@ -103,11 +104,12 @@ def _fingerprint(paths: list[Path], root: Path) -> str:
 
 def folder_stats(folder: str | os.PathLike, extractor: Extractor, image_size: int,
                  batch_size: int = 256, channels: int | None = None,
-                 keep_features: int = 10_000) -> FeatureStats:
+                 keep_features: int = 10_000, progress: bool = False) -> FeatureStats:
     """Feature statistics of the images in ``folder`` (flat or class sub-folders).
 
     Images are read with ``ImageFolder`` (Pillow, centre crop, bicubic resize to ``image_size``,
-    ``[-1, 1]``) in ``channels`` (default: the extractor's ``.channels``, else 3).
+    ``[-1, 1]``) in ``channels`` (default: the extractor's ``.channels``, else 3). ``progress``:
+    rank 0 shows its share's progress (:class:`~flowmatch.progress.Progress`).
 
     With a process group of ``W > 1`` ranks initialised, this is a collective: rank ``r``
     extracts batches ``r, r + W, ...`` (each of ``batch_size`` consecutive files, exactly the
@@ -130,9 +132,12 @@ def folder_stats(folder: str | os.PathLike, extractor: Extractor, image_size: in
     starts = range(rank * batch_size, len(data), world * batch_size)
     mine = [i for s in starts for i in range(s, min(s + batch_size, len(data)))]
     feats = []
-    for start in starts:
-        batch = torch.stack([data[i][0] for i in range(start, min(start + batch_size, len(data)))])
-        feats.append(features_of(batch, extractor, batch_size))
+    with Progress(len(mine), f"features of {folder.name}", unit="images",
+                  enabled=progress and rank == 0) as bar:
+        for start in starts:
+            batch = torch.stack([data[i][0] for i in range(start, min(start + batch_size, len(data)))])
+            feats.append(features_of(batch, extractor, batch_size))
+            bar.update(len(batch))
     feats = np.concatenate(feats) if feats else None
     if world > 1:
         feats = _gather_in_order(mine, feats, len(data), world)
@@ -181,8 +186,8 @@ def _cached_reference(cache: Path, ref: Path, name: str, dim: int, image_size: i
     return real if real.source.endswith(f"(files sha256:{fingerprint})") else None
 
 
-def _reference_stats(ref: Path, extractor: Extractor, image_size: int, dim: int,
-                     settings: FidSettings, ref_cache: str | os.PathLike | None) -> tuple[FeatureStats, Path]:
+def _reference_stats(ref: Path, extractor: Extractor, image_size: int, dim: int, settings: FidSettings,
+                     ref_cache: str | os.PathLike | None, progress: bool) -> tuple[FeatureStats, Path]:
     """``(stats, where they are stored)`` of the reference: an ``.npz`` read as is, or a folder's
     cached stats, recomputed (and cached by rank 0) when missing or stale. A collective under
     torchrun: rank 0 decides whether the cache is usable, so every rank joins the same collectives."""
@@ -201,7 +206,7 @@ def _reference_stats(ref: Path, extractor: Extractor, image_size: int, dim: int,
             real = FeatureStats.load(cache, name, dim, image_size)
     if real is None:
         real = folder_stats(ref, extractor, image_size, settings.batch_size,
-                            keep_features=settings.pr_samples)
+                            keep_features=settings.pr_samples, progress=progress)
         if rank == 0:
             real.save(cache)
     return real, cache
@@ -219,7 +224,7 @@ def _settings_from_old_keywords(settings: FidSettings, old: dict) -> FidSettings
 def fid_from_folders(samples_dir: str | os.PathLike, ref: str | os.PathLike, extractor: Extractor,
                      image_size: int, *, settings: FidSettings = FidSettings(),
                      ref_cache: str | os.PathLike | None = None, write_json: bool = True,
-                     **deprecated) -> dict:
+                     progress: bool = True, **deprecated) -> dict:
     """FID (and k-NN precision / recall) of a folder of samples against a reference.
 
     Args:
@@ -233,6 +238,8 @@ def fid_from_folders(samples_dir: str | os.PathLike, ref: str | os.PathLike, ext
             ``<ref>.fid_<extractor>_<image_size>.npz`` next to the folder. Reused while the
             folder's files are unchanged (same fingerprint); recomputed otherwise.
         write_json: also write the result to ``samples_dir/fid_<extractor>.json``.
+        progress: show the feature extraction's progress (rank 0; a bar on a terminal, a line per
+            interval elsewhere).
         deprecated: the old flat keywords ``batch_size``, ``k``, ``pr_samples`` (now fields of
             ``settings``): still accepted, with a DeprecationWarning; any other is a TypeError.
 
@@ -253,8 +260,8 @@ def fid_from_folders(samples_dir: str | os.PathLike, ref: str | os.PathLike, ext
     samples_dir, ref = Path(samples_dir), Path(ref)
     name = extractor_name(extractor)
     fake = folder_stats(samples_dir, extractor, image_size, settings.batch_size,
-                        keep_features=settings.pr_samples)
-    real, cache = _reference_stats(ref, extractor, image_size, fake.dim, settings, ref_cache)
+                        keep_features=settings.pr_samples, progress=progress)
+    real, cache = _reference_stats(ref, extractor, image_size, fake.dim, settings, ref_cache, progress)
     real.check(name, fake.dim, image_size, what=f"reference stats {cache}")
 
     result = {"fid": frechet_distance(fake.mu, fake.sigma, real.mu, real.sigma),
@@ -289,7 +296,7 @@ def _reference_files(folder: Path) -> list[Path]:
 
 def eval_fid_main(samples: str | os.PathLike, ref: str | os.PathLike, extractor: str,
                   image_size: int, classifier: str | os.PathLike | None = None,
-                  batch_size: int = 256, device: str | None = None) -> dict:
+                  batch_size: int = 256, device: str | None = None, progress: bool = True) -> dict:
     """Entry point for ``flowmatch eval fid``: build the named extractor and run ``fid_from_folders``.
 
     ``classifier`` is the weights file of the extractor (required for ``"digits"``; optional
@@ -297,4 +304,5 @@ def eval_fid_main(samples: str | os.PathLike, ref: str | os.PathLike, extractor:
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     net = build_extractor(extractor, weights=classifier, device=device)
-    return fid_from_folders(samples, ref, net, image_size, settings=FidSettings(batch_size=batch_size))
+    return fid_from_folders(samples, ref, net, image_size, settings=FidSettings(batch_size=batch_size),
+                            progress=progress)

@@ -31,6 +31,7 @@ import torch
 from flowmatch import distributed
 from flowmatch.atomic import atomic_write_json, file_sha256
 from flowmatch.flow.sampling import SDE_METHODS
+from flowmatch.progress import Progress
 from flowmatch.run import Run, SampleJob
 
 __all__ = ["MANIFEST", "sample_to_folder"]
@@ -207,11 +208,8 @@ def _write_rounds(run: Run, job: SampleJob, settings, out: Path, todo: list[int]
                   skipped: int, dev: torch.device) -> int:
     """Sample and write this rank's ``todo`` indices in ``rounds`` rounds (every rank joins every
     round's progress sum); returns the largest NFE per sample seen."""
-    bar = None
-    if job.progress and distributed.is_main():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=job.n, initial=skipped, desc="sample", unit="img", dynamic_ncols=True)
+    bar = Progress(job.n, "sample", unit="images", initial=skipped,
+                   enabled=job.progress and distributed.is_main())
     batches = run.sample_batches(todo, settings, job)
     nfe = 0
     try:
@@ -224,9 +222,7 @@ def _write_rounds(run: Run, job: SampleJob, settings, out: Path, todo: list[int]
                 nfe = max(nfe, res.nfe)
             # One sum per round: exact global progress for the bar (cheap next to a sampled batch).
             done = int(distributed.all_reduce_sum(torch.tensor(len(idx), device=dev)))
-            if bar is not None:
-                bar.update(done)
+            bar.update(done)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return nfe

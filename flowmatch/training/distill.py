@@ -34,6 +34,7 @@ from flowmatch.config import Config, apply_overrides, config_from_dict, config_t
 from flowmatch.data.pairs import PAIRS_FORMAT, create_pair_arrays, open_pair_arrays
 from flowmatch.flow.solvers import ADAPTIVE_METHODS, solve_ode
 from flowmatch.flow.time_samplers import time_grid
+from flowmatch.progress import Progress
 from flowmatch.run import NO_GUIDANCE, Guidance, Run, known_fields, take_fields
 from flowmatch.rundir import lock_run_dir
 
@@ -164,11 +165,9 @@ def _solve_into_store(run: Run, job: PairJob, out: Path, todo: list[int]) -> int
     grid, keep = job.solve.grid(job.times)
     model = run.velocity_model(job.guidance)
     x0_arr, traj_arr, label_arr = open_pair_arrays(out)
-    nfe, bar = 0, None
-    if job.progress and distributed.is_main():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="teacher trajectories", unit="traj", dynamic_ncols=True)
+    nfe = 0
+    bar = Progress(len(todo), "teacher trajectories", unit="trajectories",
+                   enabled=job.progress and distributed.is_main())
     for b in range(0, len(todo), job.batch_size):
         idx = todo[b:b + job.batch_size]
         x0, y = run.start(idx, seed=job.seed)
@@ -184,10 +183,8 @@ def _solve_into_store(run: Run, job: PairJob, out: Path, todo: list[int]) -> int
         traj_arr[idx] = states.float().cpu().numpy()
         label_arr[idx] = (y.cpu().numpy() if y is not None else 0)
         nfe = max(nfe, res.nfe)
-        if bar is not None:
-            bar.update(len(idx))
-    if bar is not None:
-        bar.close()
+        bar.update(len(idx))
+    bar.close()
     for arr in (x0_arr, traj_arr, label_arr):
         arr.flush()
     return nfe

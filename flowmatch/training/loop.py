@@ -3,7 +3,8 @@ Ctrl-C, the progress bar, mixed precision.
 
 :class:`Learner` holds what an update changes (network, optimizer, EMA copy, AMP grad scaler, step
 count) and does one update; :class:`Checkpoints` writes and reads a run's ``checkpoints/``;
-:class:`MetricsLog` keeps ``metrics.jsonl`` (cut back to the resumed step on restart);
+:class:`MetricsLog` keeps ``metrics.jsonl`` (cut back to the resumed step on restart),
+:class:`TensorBoardLog` the same numbers and the sample grids as TensorBoard events (opt-in);
 :class:`StopOnInterrupt` turns the first Ctrl-C into "finish this step, save, stop". The flow
 :class:`~flowmatch.training.trainer.Trainer` and the VAE fine-tuning
 (:mod:`flowmatch.training.vae`) are both built from them.
@@ -27,6 +28,7 @@ from flowmatch import distributed
 from flowmatch.atomic import atomic_open
 from flowmatch.checkpoint import load_checkpoint, save_checkpoint
 from flowmatch.plots import save_line_plot
+from flowmatch.progress import Progress
 from flowmatch.training.ema import EMA
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "Learner",
     "Checkpoints",
     "MetricsLog",
+    "TensorBoardLog",
     "StopOnInterrupt",
     "progress_bar",
     "any_process",
@@ -225,6 +228,60 @@ class MetricsLog:
                            title=self.title, logy=True)
 
 
+class TensorBoardLog:
+    """TensorBoard event files in ``folder`` (``train.log.tensorboard: true``; the extra
+    ``flowmatch[tensorboard]``): each metrics record's numbers as scalars ``train/<key>`` at its
+    step, and sample grids (PNG files) as images. Written by one process (rank 0) beside
+    ``metrics.jsonl``, flushed after every write (a killed run keeps what was logged).
+
+    ``purge_step``: the first step this launch logs. TensorBoard hides the events of earlier launches
+    from that step on (the work lost when the run stopped), as :meth:`MetricsLog.resume` cuts its
+    lines; later events append to the same folder.
+    """
+
+    INSTALL = "pip install 'flowmatch[tensorboard]'"
+
+    def __init__(self, folder: Path, purge_step: int | None = None):
+        writer = self.require()
+        self.folder = Path(folder)
+        self.writer = writer(log_dir=str(self.folder), purge_step=purge_step)
+        self._images: set[tuple[str, int]] = set()  # (tag, step) written by this launch
+
+    @classmethod
+    def require(cls):
+        """``torch.utils.tensorboard.SummaryWriter``; ImportError naming the extra if missing."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError("train.log.tensorboard: the tensorboard package is not installed; "
+                              f"{cls.INSTALL} (or set train.log.tensorboard: false)") from None
+        return SummaryWriter
+
+    def scalars(self, record: dict) -> None:
+        """Every number of ``record`` except ``step`` and ``time``, at ``record["step"]``."""
+        for key, value in record.items():
+            if key not in ("step", "time") and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"train/{key}", value, record["step"])
+        self.writer.flush()
+
+    def image(self, tag: str, file: Path, step: int) -> None:
+        """The PNG ``file`` as image ``tag`` at ``step`` (anything else, e.g. a ``.pt`` of latents,
+        is skipped; so is a second image of one tag at one step)."""
+        if Path(file).suffix != ".png" or (tag, step) in self._images:
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(file) as im:
+            pixels = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
+        self.writer.add_image(tag, pixels, step, dataformats="HWC")
+        self.writer.flush()
+        self._images.add((tag, step))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # Ctrl-C and progress
 # ----------------------------------------------------------------------------------------------
@@ -294,27 +351,7 @@ def record_launch(path: Path, record: dict) -> None:
     path.write_text(json.dumps({"launches": launches}, indent=1) + "\n")
 
 
-class _NoBar:
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **values) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def progress_bar(enabled: bool, total: int, initial: int, desc: str):
-    """A tqdm bar, or an object with its methods that shows nothing."""
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+def progress_bar(enabled: bool, total: int, initial: int, desc: str) -> Progress:
+    """The progress of a training loop in optimizer steps (:class:`flowmatch.progress.Progress`: a
+    bar on a terminal, a line per interval elsewhere, nothing when not ``enabled``)."""
+    return Progress(total, desc, unit="steps", initial=initial, enabled=enabled)

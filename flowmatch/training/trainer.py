@@ -67,6 +67,7 @@ from flowmatch.training.loop import (
     MetricsLog,
     NonFiniteLossError,
     StopOnInterrupt,
+    TensorBoardLog,
     UpdateRule,
     amp_dtype,
     autocast,
@@ -170,6 +171,8 @@ class Trainer:
         self.cfg = cfg = resolve_config(cfg)  # checked, defaults filled: what config.yaml stores
         self.resume, self.force_resume = resume, force_resume
         self.progress = progress
+        if cfg.train.log.tensorboard:
+            TensorBoardLog.require()  # a missing extra fails now, before any work
         self.dist, self.device = distributed.init(cfg.device)
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -192,6 +195,7 @@ class Trainer:
         self.checkpoints = Checkpoints(self.ckpt_dir, require=RESUME_KEYS)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", plot=self.run_dir / "loss.png",
                                   title=f"{cfg.name}: flow-matching loss")
+        self.tensorboard: TensorBoardLog | None = None  # opened by rank 0 with the run (train.log)
         self._source = None  # the batch source of the running fit()
         self._run: Run | None = None  # the sampling view of this run (built on first use)
         self._vae_failed = False  # the latent grids' VAE could not be loaded: grids stay latents
@@ -426,6 +430,8 @@ class Trainer:
             with atomic_open(self.run_dir / "config.yaml", "w") as f:
                 f.write(dump_config(self.cfg))
             self.metrics.resume(self.step)
+            if self.cfg.train.log.tensorboard:  # events after the resumed step are hidden, as above
+                self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard", purge_step=self.step + 1)
             self._record_launch()
             distributed.print0(self.describe())
 
@@ -438,10 +444,13 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
             if self.dist.is_main:
-                self.metrics.append({"step": step, "loss": mean_loss, "last_loss": loss, "lr": lr,
-                                     "grad_norm": grad_norm, "samples_per_s": speed, "time": time.time()})
+                record = {"step": step, "loss": mean_loss, "last_loss": loss, "lr": lr,
+                          "grad_norm": grad_norm, "samples_per_s": speed, "time": time.time()}
+                self.metrics.append(record)
+                if self.tensorboard is not None:
+                    self.tensorboard.scalars(record)
         if tc.sample_every and step % tc.sample_every == 0 and self.dist.is_main:
-            self.sample_grid()
+            self._log_grid(self.sample_grid())
         keep = bool(tc.keep_every) and step % tc.keep_every == 0
         if (tc.save_every and step % tc.save_every == 0) or keep:
             self.save(keep=keep)
@@ -451,11 +460,20 @@ class Trainer:
         latest = self.checkpoints.latest
         if status == "finished" and self.dist.is_main:
             final = self.sample_grid(self.run_dir / "samples.png")
+            self._log_grid(final)
             distributed.print0(f"done: {self.step} steps; samples {final}; loss curve "
                                f"{self.run_dir / 'loss.png'}; checkpoint {latest}")
         elif status in ("interrupted", "terminated"):
             distributed.print0(f"{status} at step {self.step}; checkpoint written to {latest}; "
                                "run the same command to resume")
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+    def _log_grid(self, grid: Path) -> None:
+        """A sample grid (a PNG; other outputs are skipped) into TensorBoard, when it is on."""
+        if self.tensorboard is not None:
+            self.tensorboard.image("samples", grid, self.step)
 
     def fit(self) -> TrainResult:
         """Train (or resume) to ``train.steps``, holding the run directory's lock (one writer at a

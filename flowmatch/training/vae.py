@@ -294,7 +294,7 @@ def finetune_vae(
         perceptual_net: used instead of LPIPS when given: any module mapping ``(x_rec, x)`` in
             ``[-1, 1]`` to per-sample or scalar distances. It is moved to the device and frozen
             (eval mode, ``requires_grad=False``) in place. Needs ``perceptual != "none"``.
-        progress: a tqdm bar.
+        progress: show the progress (a bar on a terminal, a line per interval elsewhere).
 
     Ctrl-C finishes the current step, writes the checkpoint and raises ``KeyboardInterrupt``;
     running again resumes.
