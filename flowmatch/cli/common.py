@@ -70,14 +70,17 @@ def add_config_args(p: argparse.ArgumentParser, config_help: str, overrides_help
 
 def add_run_source(p: argparse.ArgumentParser) -> None:
     """The trained run to load: a run directory or one checkpoint file (sample, eval nll)."""
-    p.add_argument("checkpoint", help="run directory (uses checkpoints/latest.pt) or checkpoint file")
+    p.add_argument("checkpoint", help="run directory (uses checkpoints/latest.pt), checkpoint file, "
+                                      "exported folder (flowmatch export) or hf://OWNER/NAME[@REVISION]")
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
-def add_no_progress(p: argparse.ArgumentParser, help: str = "no progress bar") -> None:
+def add_no_progress(p: argparse.ArgumentParser,
+                    help: str = "no progress bar (on a terminal) or progress lines every "
+                                "$FLOWMATCH_PROGRESS_INTERVAL s, default 30 (in logs)") -> None:
     p.add_argument("--no-progress", action="store_true", help=help)
 
 
