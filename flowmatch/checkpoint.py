@@ -4,11 +4,18 @@ Loading uses ``torch.load(weights_only=True)``: a checkpoint can hold tensors, n
 lists and dicts, never code, so a foreign or malicious pickle is refused rather than executed.
 Every way a file can be unusable -- missing, truncated, a pickle that would run code, not ours,
 lacking a key its reader needs -- is one :class:`CheckpointError` naming the file.
+
+An *exported folder* (``flowmatch export``, :mod:`flowmatch.export`) is the shareable form of a
+run: ``model.safetensors`` (one set of weights, no pickle) and ``config.json`` (the resolved config
+and the facts sampling needs). :func:`find_checkpoint` finds one in a folder or downloads one from
+the Hugging Face Hub (``hf://owner/name[@revision]``), and :func:`load_checkpoint` reads it into
+the same dict a training checkpoint gives, so every reader of a trained run takes either.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import pickle
 import re
 import shutil
@@ -22,12 +29,24 @@ import torch
 from flowmatch.atomic import atomic_open
 
 __all__ = [
-    "CheckpointError",
+    "EXPORT_CONFIG",
+    "EXPORT_FACTS",
+    "EXPORT_FORMAT",
+    "EXPORT_VERSION",
+    "EXPORT_WEIGHTS",
     "FORMAT",
+    "HUB_PREFIX",
     "RESUME_KEYS",
     "SAMPLE_KEYS",
+    "CheckpointError",
+    "download_from_hub",
     "find_checkpoint",
+    "is_hub_source",
     "load_checkpoint",
+    "parse_hub_source",
+    "read_export",
+    "read_export_config",
+    "read_safetensors",
     "read_weights_file",
     "require_keys",
     "save_checkpoint",
@@ -39,6 +58,13 @@ FORMAT = "flowmatch-checkpoint-v1"
 SAMPLE_KEYS = ("config", "ema", "data_shape", "num_classes")
 #: What the trainer needs to continue a run exactly where it stopped (plus ``scaler`` with fp16).
 RESUME_KEYS = ("step", "config", "model", "ema", "optimizer", "data_shape", "num_classes")
+
+#: An exported folder: its two files, the marker and version in its config.json, and the facts
+#: config.json carries besides the marker (the keys of a checkpoint that readers use).
+EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"
+EXPORT_FORMAT, EXPORT_VERSION = "flowmatch-export", 1
+EXPORT_FACTS = ("step", "config", "data_shape", "num_classes", "class_names", "latent")
+HUB_PREFIX = "hf://"
 
 
 class CheckpointError(RuntimeError):
@@ -117,12 +143,15 @@ def require_keys(state: dict[str, Any], keys: Iterable[str], path: str | Path,
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                     require: Iterable[str] = ()) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`; a clear error for anything else.
+    """Read a checkpoint written by :func:`save_checkpoint` (or an exported folder's
+    ``model.safetensors``: :func:`read_export`); a clear error for anything else.
 
     ``require``: keys the caller is about to read (:data:`SAMPLE_KEYS` to sample the EMA model,
     :data:`RESUME_KEYS` to continue training); a checkpoint without one of them is a
     :class:`CheckpointError` naming the keys and the file, not a ``KeyError`` later on.
     """
+    if Path(path).suffix == ".safetensors":  # an exported folder's weights: config.json beside them
+        return read_export(Path(path).parent, map_location, require)
     state = read_weights_file(path, "checkpoint", map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a flowmatch checkpoint (no '{FORMAT}' marker)")
@@ -130,13 +159,126 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file from a file path or a run directory (its checkpoints/latest.pt)."""
+    """A checkpoint file from a file path, a run directory (its checkpoints/latest.pt), an exported
+    folder (its model.safetensors) or a Hub source ``hf://owner/name[@revision]`` (downloaded
+    first, see :func:`download_from_hub`)."""
+    if is_hub_source(path):
+        path = download_from_hub(path)
     path = Path(path)
     if path.is_dir():
         for candidate in (path / "checkpoints" / "latest.pt", path / "latest.pt"):
             if candidate.is_file():
                 return candidate
-        raise CheckpointError(f"no checkpoint in {str(path)!r} (looked for checkpoints/latest.pt)")
+        if (path / EXPORT_CONFIG).is_file():
+            return path / EXPORT_WEIGHTS  # read_export checks config.json is ours, then the weights
+        raise CheckpointError(f"no checkpoint in {str(path)!r} (looked for checkpoints/latest.pt, "
+                              f"or {EXPORT_CONFIG} and {EXPORT_WEIGHTS} of an exported folder)")
     if not path.exists():
         raise CheckpointError(f"checkpoint or run directory {str(path)!r} does not exist")
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Exported folders
+# ----------------------------------------------------------------------------------------------
+
+
+def read_export_config(folder: str | Path) -> dict:
+    """An exported folder's config.json, checked to be ours and of a version this code reads."""
+    file = Path(folder) / EXPORT_CONFIG
+    try:
+        meta = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{str(folder)!r} is not an exported folder (no {EXPORT_CONFIG})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"cannot read {str(file)!r}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{str(file)!r} is not a flowmatch export (no \"format\": "
+                              f"\"{EXPORT_FORMAT}\" marker): a folder of another library?")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= EXPORT_VERSION:
+        raise CheckpointError(f"{str(file)!r}: export format version {version!r}; this flowmatch "
+                              f"reads versions 1..{EXPORT_VERSION} (upgrade flowmatch)")
+    return require_keys(meta, (*EXPORT_FACTS, "weights"), file, what="exported config")
+
+
+def read_export(folder: str | Path, map_location: str | torch.device = "cpu",
+                require: Iterable[str] = ()) -> dict[str, Any]:
+    """An exported folder as the dict :func:`load_checkpoint` gives for a training checkpoint.
+
+    Its one set of weights is the ``"ema"`` entry (the weights readers sample), and also
+    ``"model"`` when the export holds the raw training weights (``weights: "raw"``). Raises
+    :class:`CheckpointError` for a config.json that is not ours, a missing or truncated
+    model.safetensors, or a ``require``-d key the export cannot give (the optimizer state, the raw
+    weights of an EMA export).
+    """
+    folder = Path(folder)
+    meta = read_export_config(folder)
+    if "model" in require and meta["weights"] != "raw":
+        raise CheckpointError(f"{str(folder)!r} holds the EMA weights only: the raw training "
+                              "weights are in the run's checkpoint (or export them with --raw)")
+    state = {"format": FORMAT, **{k: meta[k] for k in EXPORT_FACTS}}
+    state["ema"] = read_safetensors(folder / EXPORT_WEIGHTS, map_location)
+    if meta["weights"] == "raw":
+        state["model"] = state["ema"]
+    return require_keys(state, require, folder, what="exported folder")
+
+
+def read_safetensors(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; :class:`CheckpointError` if it is missing or unreadable."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError("reading an exported folder needs safetensors: "
+                          "pip install 'flowmatch[export]'") from None
+    if not path.is_file():
+        raise CheckpointError(f"the exported weights {str(path)!r} are missing")
+    try:
+        return load_file(path, device=str(map_location))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot read {str(path)!r}: truncated or not a safetensors file "
+                              f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The Hugging Face Hub
+# ----------------------------------------------------------------------------------------------
+
+
+def is_hub_source(source: str | Path) -> bool:
+    """True for ``hf://owner/name[@revision]`` (also as a ``Path``, which folds ``//`` to ``/``)."""
+    return str(source).startswith("hf:/")
+
+
+def parse_hub_source(source: str | Path) -> tuple[str, str | None]:
+    """``(repo_id, revision)`` of ``hf://owner/name[@revision]`` (revision None: the main branch)."""
+    text = str(source)
+    rest = text[len(HUB_PREFIX):] if text.startswith(HUB_PREFIX) else text[len("hf:/"):]
+    repo_id, _, revision = rest.partition("@")
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts):
+        raise CheckpointError(f"{text!r}: a Hub source is hf://OWNER/NAME or hf://OWNER/NAME@REVISION")
+    return repo_id, revision or None
+
+
+def download_from_hub(source: str | Path) -> Path:
+    """The local folder of the exported run ``hf://owner/name[@revision]``, downloaded with
+    ``huggingface_hub.snapshot_download`` into its cache (only config.json and model.safetensors).
+
+    Private repositories need a token: ``HF_TOKEN`` or ``hf auth login``. Raises ImportError
+    without the ``hub`` extra, :class:`CheckpointError` when the download fails (no network, no
+    such repository or revision, no access).
+    """
+    repo_id, revision = parse_hub_source(source)
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError(f"loading {source} needs huggingface_hub: pip install 'flowmatch[hub]'") from None
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=[EXPORT_CONFIG, EXPORT_WEIGHTS])
+    except Exception as e:  # noqa: BLE001 -- the hub's errors are many (HTTP, auth, offline, transport): one line each
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"cannot download {source} from the Hugging Face Hub "
+                              f"({type(e).__name__}: {reason})") from None
+    return Path(folder)

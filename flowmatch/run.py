@@ -1,7 +1,7 @@
 """A trained run, loaded once: the one place that turns "a run" into samples.
 
-Loaded from a run directory or a checkpoint file (:meth:`Run.load`), or assembled from a training
-loop's live objects (:class:`Run` itself), it owns
+Loaded from a run directory, a checkpoint file, an exported folder or ``hf://`` (:meth:`Run.load`),
+or assembled from a training loop's live objects (:class:`Run` itself), it owns
 
 * the network (EMA weights by default) and the resolved :class:`~flowmatch.config.Config`,
 * the probability path, the data shape (the latent shape for latent models), the classes,
@@ -177,7 +177,10 @@ class Run:
     @classmethod
     def load(cls, source: str | Path, *, use_ema: bool = True,
              device: str | torch.device = "cpu") -> Run:
-        """The run stored in a checkpoint file or a run directory (its ``checkpoints/latest.pt``).
+        """The run stored in a checkpoint file, a run directory (its ``checkpoints/latest.pt``), an
+        exported folder (``flowmatch export``: model.safetensors + config.json, no training
+        checkpoint needed) or on the Hugging Face Hub (``"hf://owner/name[@revision]"``, downloaded
+        with ``huggingface_hub``; see :func:`flowmatch.checkpoint.find_checkpoint`).
 
         ``use_ema`` picks the EMA weights (what samples should use) over the raw training weights.
         Raises :class:`~flowmatch.checkpoint.CheckpointError` for a file that is not a usable

@@ -19,6 +19,7 @@ LAYERS = {
     "flowmatch.progress": 0,
     "flowmatch.checkpoint": 1, "flowmatch.registry": 1, "flowmatch.rundir": 1,
     "flowmatch.imageio": 2, "flowmatch.autoencoder": 2, "flowmatch.flow": 2, "flowmatch.models": 2,
+    "flowmatch.export": 2,  # writes exported folders (checkpoint.py reads them)
     "flowmatch.plots": 3, "flowmatch.data": 3,
     "flowmatch.components": 4,
     "flowmatch.run": 5,

@@ -3,6 +3,7 @@
     flowmatch train CONFIG [key=value ...] [--dry-run] [--no-resume]
     flowmatch sample RUN_DIR_OR_CHECKPOINT [--n N] [--steps K] [--method heun] [--out grid.png]
     flowmatch info CONFIG [key=value ...]
+    flowmatch export RUN --out DIR [--raw] [--push-to-hub OWNER/NAME]
     flowmatch encode-latents --vae ID_OR_DIR --images DIR --out STORE [--flip]
     flowmatch finetune-vae CONFIG [key=value ...]
     flowmatch recon --vae DIR --images DIR [--out recon.png]
@@ -27,7 +28,7 @@ import argparse
 import os
 import sys
 
-from flowmatch.cli import distill, info, latents, sample, train, vae
+from flowmatch.cli import distill, export, info, latents, sample, train, vae
 from flowmatch.cli import eval as evaluate
 from flowmatch.cli.common import (
     EXIT_BAD_INPUT,
@@ -40,7 +41,7 @@ from flowmatch.cli.common import (
 __all__ = ["EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_OK", "build_parser", "main"]
 
 # In the order `flowmatch --help` lists the sub-commands.
-_COMMAND_MODULES = (train, sample, distill, latents, vae, evaluate, info)
+_COMMAND_MODULES = (train, sample, distill, latents, vae, evaluate, export, info)
 
 
 def build_parser() -> argparse.ArgumentParser:

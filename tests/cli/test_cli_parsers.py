@@ -5,12 +5,12 @@ import argparse
 import pytest
 
 from flowmatch import cli
-from flowmatch.cli import build_parser, distill, info, latents, sample, train, vae
+from flowmatch.cli import build_parser, distill, export, info, latents, sample, train, vae
 from flowmatch.cli import eval as evaluate
 
 COMMANDS = {"train": train, "sample": sample, "reflow": distill, "distill": distill,
             "encode-latents": latents, "finetune-vae": vae, "recon": vae, "eval": evaluate,
-            "info": info}
+            "export": export, "info": info}
 
 
 def _subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -27,7 +27,7 @@ def _every_parser(p, name="flowmatch"):
 def test_sub_commands_in_order_each_handled_by_its_module():
     subs = _subparsers(build_parser())
     assert list(subs) == ["train", "sample", "reflow", "distill", "encode-latents", "finetune-vae",
-                          "recon", "eval", "info"]
+                          "recon", "eval", "export", "info"]
     for name, module in COMMANDS.items():
         assert subs[name].get_default("handler") is module.run, name
     assert list(_subparsers(subs["eval"])) == ["fid", "accuracy", "nll"]
