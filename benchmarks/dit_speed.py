@@ -25,8 +25,9 @@ Protocol (the defaults are the protocol; ``benchmarks/README.md`` has the comman
    (lr, betas and weight decay from the config; no gradient clipping, EMA or data loading).
    Reported: ms/iter, images/s, achieved GFLOP/s (analytic FLOPs / median time) and the fraction of
    the measured matmul peak.
-4. ``--compile``: the same with ``torch.compile(model)``; the first call (compilation included) is
-   reported separately. A compile failure is caught and its error line goes into the table.
+4. ``--compile``: the same with ``torch.compile(model)`` (what ``train.compile`` / ``sample.compile``
+   do); the first call (compilation included) is reported separately, and the speed ratio eager /
+   compiled is printed per mode. A compile failure is caught and its error line goes into the table.
 5. ``--reference PATH``: facebookresearch/DiT's ``models.py`` (a file, or a checkout holding it),
    loaded from that path (it needs ``timm``), built to match the config as closely as it can and
    timed the same way. Its differences are listed in the table.
@@ -429,6 +430,19 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compile_speedups(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """``{model: {mode: eager ms / compiled ms}}`` for each model and mode timed both ways (> 1: the
+    compiled one is faster)."""
+    eager = {(r["model"], r["mode"]): r["ms_per_iter"] for r in rows if r["ms_per_iter"] is not None}
+    out: dict[str, dict[str, float]] = {}
+    for (model, mode), ms in eager.items():
+        if mode.endswith(" compiled"):
+            base = eager.get((model, mode.removesuffix(" compiled")))
+            if base is not None:
+                out.setdefault(model, {})[mode.removesuffix(" compiled")] = base / ms
+    return out
+
+
 def error_line(error: BaseException) -> str:
     """The first non-empty line of an exception, prefixed by its type."""
     text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
@@ -624,6 +638,10 @@ def main(argv=None) -> dict:
             print(line)
     for subject in subjects[1:]:
         print(f"{subject.name}: {subject.note}")
+    speedups = compile_speedups(rows)
+    for name, modes in speedups.items():
+        print(f"{name}: compiled vs eager speed: " + ", ".join(
+            f"{mode} x{ratio:.2f}" for mode, ratio in modes.items()) + " (> 1: compiled is faster)")
 
     results = {
         "columns": list(COLUMNS),
@@ -636,6 +654,7 @@ def main(argv=None) -> dict:
         "models": {s.name: {"params": s.params, "flops_per_img": flops[s.name], "note": s.note}
                    for s in subjects},
         "rows": rows,
+        "compile_speedup": speedups,
     }
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

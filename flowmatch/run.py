@@ -171,6 +171,7 @@ class Run:
         self.step = int(state.get("step", 0)) if state else 0  # the training step of the weights
         self.path: AffinePath = build_path(config.path.scheduler, **config.path.params)
         self._autoencoders: dict[str | None, object] = {}
+        self._compiled: tuple[nn.Module, nn.Module] | None = None  # (model, torch.compile(model))
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -243,10 +244,22 @@ class Run:
         return resolve_settings(self.config.sample, **dataclasses.asdict(solver), label=label,
                                 num_classes=self.num_classes)
 
-    def velocity_model(self, guidance: Guidance = NO_GUIDANCE) -> nn.Module:
-        """The network, wrapped in classifier-free guidance when ``guidance`` is active."""
-        if not guidance.active:
+    @property
+    def network(self) -> nn.Module:
+        """The network sampling calls: :attr:`model`, or with the config's ``sample.compile`` its
+        ``torch.compile`` (built once, on first use; it shares the model's live weights, so the EMA
+        a training run keeps updating is what it computes with)."""
+        if not self.config.sample.compile:
             return self.model
+        if self._compiled is None or self._compiled[0] is not self.model:
+            self._compiled = (self.model, torch.compile(self.model))
+        return self._compiled[1]
+
+    def velocity_model(self, guidance: Guidance = NO_GUIDANCE) -> nn.Module:
+        """The network (:attr:`network`), wrapped in classifier-free guidance when ``guidance`` is
+        active."""
+        if not guidance.active:
+            return self.network
         if self.num_classes and self.config.train.label_dropout <= 0:
             raise ValueError(f"cfg_scale {guidance.scale:g}: this run was trained with "
                              "train.label_dropout = 0, so its null class (the unconditional velocity "
@@ -254,7 +267,7 @@ class Run:
                              "with label dropout (e.g. 0.1)")
         from flowmatch.flow.guidance import ClassifierFreeGuidance
 
-        return ClassifierFreeGuidance(self.model, guidance.scale, tuple(guidance.interval))
+        return ClassifierFreeGuidance(self.network, guidance.scale, tuple(guidance.interval))
 
     # -- sampling --------------------------------------------------------------------------------
 

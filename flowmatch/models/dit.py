@@ -10,8 +10,8 @@ start at zero so every block starts as the identity.
 
 The architecture, names of the sub-modules and initialisation follow facebookresearch/DiT
 ``models.py`` (so its state dicts load, less the fixed ``pos_embed``, which here is a buffer), with
-options the later literature added: 2-D RoPE instead of the sin-cos table, RMSNorm, SwiGLU and
-q/k normalisation. :data:`DIT_PRESETS` holds the paper's sizes (``DiT-S/2`` ... ``DiT-XL/8``).
+options the later literature added: 2-D RoPE instead of the sin-cos table, RMSNorm, SwiGLU, the
+exact GELU and q/k normalisation. :data:`DIT_PRESETS` holds the paper's sizes (``DiT-S/2`` ... ``DiT-XL/8``).
 
 Time convention: ``t = 0`` is noise, ``t = 1`` is data; ``t`` is a float in ``[0, 1]`` (the time
 embedding multiplies it by 1000, so a ``t`` here sees the same features as DiT's step ``1000 t``).
@@ -76,6 +76,9 @@ class DiTConfig:
     norm: str = "layernorm"
     #: "gelu" (tanh-approximated GELU, DiT) or "swiglu".
     mlp: str = "gelu"
+    #: mlp "gelu" only: the exact (erf) GELU instead of the reference's tanh approximation. The
+    #: same parameters (a checkpoint loads either way); outputs differ slightly.
+    exact_gelu: bool = False
     #: Normalise q and k per head (with a learned gain) before the attention product.
     qk_norm: bool = False
     #: Bias in the fused qkv projection (DiT: True).
@@ -95,6 +98,8 @@ class DiTConfig:
                 raise ValueError(
                     f"DiTConfig.{name} must be one of {list(valid)}, got {getattr(self, name)!r}"
                 )
+        if self.exact_gelu and self.mlp != "gelu":
+            raise ValueError(f"DiTConfig.exact_gelu applies to mlp='gelu' only, got mlp={self.mlp!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"DiTConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
@@ -189,8 +194,10 @@ class DiTBlock(nn.Module):
             D, cfg.num_heads, qkv_bias=cfg.qkv_bias, qk_norm=cfg.norm if cfg.qk_norm else None
         )
         self.norm2 = make_norm(cfg.norm, D, elementwise_affine=False)
-        ff = SwiGLUFeedForward if cfg.mlp == "swiglu" else GeluFeedForward
-        self.mlp = ff(D, cfg.mlp_hidden)
+        if cfg.mlp == "swiglu":
+            self.mlp = SwiGLUFeedForward(D, cfg.mlp_hidden)
+        else:
+            self.mlp = GeluFeedForward(D, cfg.mlp_hidden, "none" if cfg.exact_gelu else "tanh")
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
     def forward(
@@ -342,7 +349,7 @@ class DiT(nn.Module):
         h = self.x_embedder(x)  # (B, N, D)
         if self.pos_embed is not None:
             h = h + self.pos_embed.to(h.dtype)  # (B, N, D)
-        rope = self.rope() if self.rope is not None else None  # (N, head_dim / 2) complex, or None
+        rope = self.rope() if self.rope is not None else None  # (N, head_dim / 2, 2) cos, sin; or None
         for block in self.blocks:
             h = block(h, c, rope)  # (B, N, D)
         h = self.final_layer(h, c)  # (B, N, p * p * C_out)

@@ -229,18 +229,26 @@ def make_norm(kind: str, dim: int, elementwise_affine: bool = True, eps: float =
 
 
 class GeluFeedForward(nn.Module):
-    """``fc2(GELU_tanh(fc1(x)))``: the transformer MLP of ViT / DiT (tanh-approximated GELU, as DiT).
+    """``fc2(GELU(fc1(x)))``: the transformer MLP of ViT / DiT.
+
+    ``approximate`` is ``F.gelu``'s: ``"tanh"`` (the default, as DiT:
+    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``) or ``"none"`` (the exact
+    ``x Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))``). The two differ by < 1e-3 and have the same
+    parameters, so a checkpoint loads under either.
 
     Shapes: ``(..., dim) -> (..., dim)`` through a hidden width ``hidden``.
     """
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, approximate: str = "tanh"):
         super().__init__()
+        if approximate not in ("tanh", "none"):
+            raise ValueError(f"GELU approximate must be 'tanh' or 'none', got {approximate!r}")
+        self.approximate = approximate
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # (..., dim)
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))  # (..., dim)
 
 
 class SwiGLUFeedForward(nn.Module):
@@ -302,7 +310,7 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
 def rope_2d_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     """Rotation angles of a 2-D rotary position embedding (RoPE), one per channel pair of a head.
 
-    Channels ``(2m, 2m+1)`` of q and k form a complex number that is rotated by angle ``a_m``.
+    Channels ``(2m, 2m+1)`` of q and k form a 2-D vector that is rotated by angle ``a_m``.
     The head is split into halves: channels ``0 .. head_dim/2 - 1`` (pairs ``m < head_dim/4``)
     rotate with the row coordinate, the rest with the column coordinate, each half with frequencies
     ``w_m = theta ** (-m / (head_dim/4))``, ``m = 0 .. head_dim/4 - 1``. Rotating q at position ``a``
@@ -329,37 +337,41 @@ def rope_2d_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.
     return angles.float()
 
 
-def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate each channel pair ``(x_2m, x_2m+1)`` of ``x`` by the unit complex number ``freqs_cis[m]``.
+def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair ``(x_2m, x_2m+1)`` of ``x`` by the angle ``a_m`` of ``cos_sin[m]``.
 
-    ``out_2m + i out_2m+1 = (x_2m + i x_2m+1) * exp(i a_m)``: one complex multiply, computed in
-    float32 (or float64) and returned in ``x.dtype``. Norms are preserved.
+    ``out_2m = x_2m cos a_m - x_2m+1 sin a_m`` and ``out_2m+1 = x_2m sin a_m + x_2m+1 cos a_m``: the
+    complex product ``(x_2m + i x_2m+1) exp(i a_m)`` written with real tensors, so Inductor
+    (``torch.compile``) fuses it into one elementwise kernel (it cannot generate code for complex
+    numbers). Computed in float32 (or float64) and returned in ``x.dtype``. Norms are preserved.
 
     Args:
         x: ``(..., head_dim)`` real.
-        freqs_cis: complex ``exp(i angles)``, broadcastable to ``(..., head_dim / 2)`` (e.g.
-            ``(N, 1, head_dim/2)`` against ``x (B, N, heads, head_dim)``).
+        cos_sin: ``(cos a_m, sin a_m)`` stacked on a last axis of 2, broadcastable to
+            ``(..., head_dim / 2, 2)`` (e.g. ``(N, 1, head_dim/2, 2)`` against
+            ``x (B, N, heads, head_dim)``); see :class:`RotaryEmbedding2D`.
 
     Returns:
         a tensor shaped like ``x``.
     """
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):
-        xf = xf.contiguous()  # view_as_complex needs (re, im) adjacent and pair-aligned strides
-    xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # (..., hd/2) complex
-    return torch.view_as_real(xc * freqs_cis).flatten(-2).to(x.dtype)  # (..., hd)
+    cs = cos_sin.to(torch.float64 if xf.dtype == torch.float64 else torch.float32)
+    cos, sin = cs[..., 0], cs[..., 1]  # 2 x (..., hd/2)
+    x_even, x_odd = xf.unflatten(-1, (-1, 2)).unbind(-1)  # 2 x (..., hd/2): channels 2m, 2m+1
+    out = torch.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], dim=-1)  # (..., hd/2, 2)
+    return out.flatten(-2).to(x.dtype)  # (..., hd)
 
 
 class RotaryEmbedding2D(nn.Module):
     """The 2-D RoPE table of a ``grid_h x grid_w`` token grid (row-major token order).
 
     The table is a non-persistent buffer: it follows ``.to(device)``, but is not a parameter and is
-    not saved in ``state_dict`` (it is a function of the shape, rebuilt at construction). It is
-    stored as real ``(cos, sin)`` pairs, because ``module.to(torch.bfloat16)`` would drop the
-    imaginary part of a complex buffer; :meth:`forward` returns the complex ``freqs_cis`` that
-    :class:`Attention` takes.
+    not saved in ``state_dict`` (it is a function of the shape, rebuilt at construction). It holds
+    real ``(cos, sin)`` pairs (no complex numbers: ``module.to(torch.bfloat16)`` would drop the
+    imaginary part of a complex buffer, and Inductor cannot compile complex arithmetic);
+    :meth:`forward` returns them in float32 for :func:`apply_rope` / :class:`Attention`.
 
-    Shapes: ``forward() -> (grid_h * grid_w, head_dim / 2)`` complex64.
+    Shapes: ``forward() -> (grid_h * grid_w, head_dim / 2, 2)`` float32, ``[..., 0]`` the cosines.
     """
 
     def __init__(self, head_dim: int, grid_h: int, grid_w: int, theta: float = 10000.0):
@@ -371,7 +383,7 @@ class RotaryEmbedding2D(nn.Module):
         self.register_buffer("cos_sin", cos_sin, persistent=False)
 
     def forward(self) -> torch.Tensor:
-        return torch.view_as_complex(self.cos_sin.float())  # (N, hd/2) complex64
+        return self.cos_sin.float()  # (N, hd/2, 2)
 
 
 #################################################################################
@@ -388,8 +400,9 @@ class Attention(nn.Module):
 
     Optional, both off by default: ``qk_norm`` normalises q and k per head over ``head_dim`` (with a
     learned gain; it bounds the attention logits, which keeps large or low-precision models stable),
-    and ``forward(x, rope=freqs_cis)`` rotates q and k -- never v, never the token embeddings -- with
-    a rotary position embedding (applied after the norm).
+    and ``forward(x, rope=cos_sin)`` rotates q and k -- never v, never the token embeddings -- with
+    a rotary position embedding (applied after the norm; real ``(cos, sin)`` tables, see
+    :func:`apply_rope`).
 
     Args:
         dim: token width; must be divisible by ``num_heads``.
@@ -424,8 +437,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
-        """``x (B, N, dim)``; ``rope``: None, or complex ``freqs_cis (N, head_dim / 2)`` (see
-        :class:`RotaryEmbedding2D`) to rotate q and k by their tokens' positions."""
+        """``x (B, N, dim)``; ``rope``: None, or the ``(cos, sin)`` table ``(N, head_dim / 2, 2)`` of
+        :class:`RotaryEmbedding2D` to rotate q and k by their tokens' positions."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, heads, head_dim)
         if self.q_norm is None and rope is None:
@@ -435,8 +448,8 @@ class Attention(nn.Module):
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)  # 2 x (B, N, heads, head_dim)
             if rope is not None:
-                freqs_cis = rope[:, None]  # (N, 1, head_dim / 2) complex
-                q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)  # 2 x (B, N, heads, head_dim)
+                cos_sin = rope[:, None]  # (N, 1, head_dim / 2, 2)
+                q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)  # 2 x (B, N, heads, head_dim)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # 3 x (B, heads, N, hd)
         dropout_p = self.dropout if self.training else 0.0
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, heads, N, head_dim)

@@ -263,7 +263,16 @@ class UNet(nn.Module):
         # --- output ---
         self.norm_out = group_norm(ch, cfg.groups)
         self.conv_out = nn.Conv2d(ch, in_ch, 3, padding=1)
+        self.channels_last = False  # see use_channels_last
         self.initialize_weights()
+
+    def use_channels_last(self) -> "UNet":
+        """Keep weights and activations in channels-last (NHWC) memory format from now on: the
+        layout of cuDNN's fastest convolution kernels (the trainer sets it on CUDA). The values, the
+        state-dict keys and the output (returned contiguous, NCHW) are unchanged."""
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
 
     def initialize_weights(self) -> None:
         # Zero output conv: the initial velocity is exactly 0 for every input. The flow then starts
@@ -287,6 +296,8 @@ class UNet(nn.Module):
         elif y is not None:
             raise ValueError("this model is unconditional (num_classes=0) but a label y was passed")
 
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)  # (B, C, H, W), NHWC in memory
         h = self.conv_in(x)  # (B, C_0, H, W)
         skips = [h]
         for level in self.down:
@@ -309,4 +320,5 @@ class UNet(nn.Module):
                 h = level.resample(h)  # (B, C_i, 2 H_i, 2 W_i)
 
         h = F.silu(self.norm_out(h))  # (B, C_0, H, W)
-        return self.conv_out(h)  # (B, C, H, W)
+        v = self.conv_out(h)  # (B, C, H, W)
+        return v.contiguous() if self.channels_last else v  # (B, C, H, W), NCHW in memory

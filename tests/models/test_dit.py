@@ -24,6 +24,7 @@ from flowmatch.models import (
 from flowmatch.models.dit import PatchEmbed, modulate
 from flowmatch.models.layers import (
     Attention,
+    GeluFeedForward,
     RMSNorm,
     RotaryEmbedding2D,
     SwiGLUFeedForward,
@@ -261,8 +262,48 @@ def test_sincos_table_matches_reference_formula():
 #################################################################################
 
 
+def _cos_sin(angles: torch.Tensor) -> torch.Tensor:
+    """The ``(cos, sin)`` table ``(..., hd/2, 2)`` of rotation angles ``(..., hd/2)``."""
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
 def _rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    return apply_rope(x, torch.polar(torch.ones(()), rope_2d_angles(positions, x.shape[-1])))
+    return apply_rope(x, _cos_sin(rope_2d_angles(positions, x.shape[-1])))
+
+
+def _apply_rope_complex(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """The earlier implementation, kept as the reference: channel pairs as complex numbers times
+    ``exp(i a_m)`` (Inductor cannot compile this, hence the real-valued one in the package)."""
+    xf = x.float().contiguous()
+    xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # (..., hd/2) complex
+    freqs_cis = torch.view_as_complex(cos_sin.float().contiguous())  # (..., hd/2) complex
+    return torch.view_as_real(xc * freqs_cis).flatten(-2).to(x.dtype)  # (..., hd)
+
+
+def test_real_rope_equals_complex_formulation():
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 3, 32)  # (B, N, heads, head_dim)
+    pos = torch.randint(-30, 30, (12, 2))
+    cos_sin = _cos_sin(rope_2d_angles(pos, 32))[:, None]  # (N, 1, hd/2, 2)
+    torch.testing.assert_close(apply_rope(x, cos_sin), _apply_rope_complex(x, cos_sin),
+                               rtol=1e-6, atol=1e-6)
+    strided = torch.randn(2, 12, 3, 33)[..., 1:]  # not pair-aligned: the complex view needs a copy
+    torch.testing.assert_close(apply_rope(strided, cos_sin), _apply_rope_complex(strided, cos_sin),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_dit_forward_with_real_rope_equals_complex_rope(monkeypatch):
+    import flowmatch.models.layers as layers
+
+    torch.manual_seed(0)
+    model = _randomize(DiT(DiTConfig(**TINY, pos_embed="rope"), (4, 8, 8), num_classes=3)).eval()
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        real = model(x, t, y)
+        monkeypatch.setattr(layers, "apply_rope", _apply_rope_complex)  # what Attention calls
+        complex_ = model(x, t, y)
+    torch.testing.assert_close(real, complex_, rtol=1e-6, atol=1e-6)
+    assert real.abs().max() > 0.1  # random weights: a real comparison, not of zeros
 
 
 def test_rope_preserves_norms_and_is_identity_at_origin():
@@ -310,10 +351,11 @@ def test_rope_pair_rotation_formula():
 def test_rope_module_buffers_and_errors():
     rope = RotaryEmbedding2D(head_dim=16, grid_h=2, grid_w=3)
     assert list(rope.parameters()) == [] and rope.state_dict() == {}
-    freqs = rope()
-    assert freqs.shape == (6, 8) and freqs.dtype == torch.complex64
+    cos_sin = rope()
+    assert cos_sin.shape == (6, 8, 2) and cos_sin.dtype == torch.float32
     angles = rope_2d_angles(torch.tensor([[1, 2]]), 16)  # token 5 = row 1, column 2
-    torch.testing.assert_close(freqs[5], torch.polar(torch.ones(8), angles[0]))
+    torch.testing.assert_close(cos_sin[5], _cos_sin(angles[0]))
+    assert rope.to(torch.bfloat16)().dtype == torch.float32  # the rotation stays in float32
     with pytest.raises(ValueError, match="divisible by 4"):
         rope_2d_angles(torch.zeros(1, 2), 6)
     with pytest.raises(ValueError, match="divisible by 4"):
@@ -322,7 +364,7 @@ def test_rope_module_buffers_and_errors():
 
 def test_apply_rope_handles_half_precision_and_odd_strides():
     x = torch.randn(2, 5, 17)[..., 1:]  # storage offset 1, strides not pair-aligned
-    freqs = torch.polar(torch.ones(5, 8), torch.randn(5, 8))
+    freqs = _cos_sin(torch.randn(5, 8))
     out = apply_rope(x, freqs)
     torch.testing.assert_close(out, apply_rope(x.contiguous(), freqs))
     out_bf16 = apply_rope(x.bfloat16(), freqs)
@@ -336,7 +378,7 @@ def test_attention_rope_rotates_q_and_k_only():
     x = torch.randn(2, 6, 32)
     pos = torch.stack([torch.arange(6) // 3, torch.arange(6) % 3], dim=1)  # a 2 x 3 grid
     angles = rope_2d_angles(pos, 16)  # (6, 8)
-    out = attn(x, torch.polar(torch.ones(()), angles))
+    out = attn(x, _cos_sin(angles))
 
     # By hand: explicit 2x2 rotations of q and k, v untouched, explicit softmax.
     q, k, v = attn.qkv(x).reshape(2, 6, 3, 2, 16).unbind(2)  # (B, N, heads, hd)
@@ -384,6 +426,39 @@ def test_swiglu_formula():
     x = torch.randn(2, 3, 6)
     a, b = ff.fc1(x)[..., :10], ff.fc1(x)[..., 10:]
     torch.testing.assert_close(ff(x), ff.fc2(a * torch.sigmoid(a) * b))
+
+
+def test_gelu_feed_forward_formulas():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6)
+    tanh_ff, exact_ff = GeluFeedForward(6, 10), GeluFeedForward(6, 10, approximate="none")
+    exact_ff.load_state_dict(tanh_ff.state_dict())
+    h = tanh_ff.fc1(x)
+    tanh_gelu = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+    torch.testing.assert_close(tanh_ff(x), tanh_ff.fc2(tanh_gelu))
+    torch.testing.assert_close(exact_ff(x), tanh_ff.fc2(0.5 * h * (1 + torch.erf(h / math.sqrt(2)))))
+    with pytest.raises(ValueError, match="approximate"):
+        GeluFeedForward(6, 10, approximate="sigmoid")
+
+
+def test_exact_gelu_switch_changes_the_activation_and_nothing_else():
+    assert DiTConfig().exact_gelu is False  # the reference's tanh GELU stays the default
+    torch.manual_seed(0)
+    tanh_model = _randomize(DiT(DiTConfig(**TINY, pos_embed="rope"), (4, 8, 8)))
+    exact_model = DiT(DiTConfig(**TINY, pos_embed="rope", exact_gelu=True), (4, 8, 8))
+    exact_model.load_state_dict(tanh_model.state_dict())  # strict: the same keys and shapes
+    assert count_parameters(exact_model) == count_parameters(tanh_model)
+    assert [b.mlp.approximate for b in tanh_model.blocks] == ["tanh"] * TINY["depth"]
+    assert [b.mlp.approximate for b in exact_model.blocks] == ["none"] * TINY["depth"]
+    x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    with torch.no_grad():
+        exact = exact_model(x, t)
+        assert (exact - tanh_model(x, t)).abs().max() > 1e-6  # the activation differs...
+        for block in tanh_model.blocks:
+            block.mlp.approximate = "none"
+        assert torch.equal(tanh_model(x, t), exact)  # ...and is the only difference
+    with pytest.raises(ValueError, match="exact_gelu"):
+        DiTConfig(**TINY, mlp="swiglu", exact_gelu=True)
 
 
 def test_attention_qk_norm_normalises_each_head():

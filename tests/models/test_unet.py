@@ -42,6 +42,22 @@ def test_forward_shape_and_zero_init(cfg, data_shape, num_classes):
     assert torch.all(v == 0)
 
 
+def test_channels_last_changes_the_memory_layout_only():
+    torch.manual_seed(0)
+    model = _perturb_output(UNet(TINY, (3, 8, 12), num_classes=5)).eval()
+    x, t, y = torch.randn(2, 3, 8, 12), torch.rand(2), torch.tensor([1, 5])
+    with torch.no_grad():
+        before = model(x, t, y)
+        keys = list(model.state_dict())
+        assert model.use_channels_last() is model and model.channels_last
+        assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        after = model(x, t, y)
+    assert after.is_contiguous()  # callers get NCHW back
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    assert list(model.state_dict()) == keys
+    assert UNet(TINY, (3, 8, 12)).channels_last is False  # off unless asked (the trainer, on CUDA)
+
+
 def test_default_config_on_cifar_shape():
     model = UNet(UNetConfig(), (3, 32, 32), num_classes=10).eval()
     with torch.no_grad():
