@@ -104,7 +104,8 @@ class SampleJob:
     """What to sample from a run: ``n`` samples seeded by ``seed`` (sample ``i`` from
     ``(seed, i)``), all of class ``label`` (else ``i % num_classes``), with ``solver`` and
     ``guidance``, ``batch_size`` per forward pass (the results do not depend on it), the EMA or raw
-    weights, latents decoded through ``vae`` (None: the VAE recorded at training time)."""
+    weights, latents decoded through ``vae`` (None: the VAE recorded at training time), the network
+    ``torch.compile``-d or not (``compile``; None: the run's ``sample.compile``)."""
 
     n: int
     seed: int = 0
@@ -116,6 +117,7 @@ class SampleJob:
     vae: str | None = None
     device: str = "auto"
     progress: bool = True
+    compile: bool | None = None
 
     @classmethod
     def from_options(cls, n: int, **options) -> SampleJob:
@@ -205,6 +207,16 @@ class Run:
         run = cls(model.to(device).eval(), cfg, data_shape=data_shape, num_classes=num_classes,
                   latent=state.get("latent"), class_names=state.get("class_names"),
                   checkpoint=file, state=state)
+        return run
+
+    @classmethod
+    def for_job(cls, source: str | Path, job: SampleJob, device: str | torch.device = "cpu") -> Run:
+        """:meth:`load` for a :class:`SampleJob`: its weights and compile choice, and its guidance
+        checked against the run (refused before any work, e.g. for an unconditional run)."""
+        run = cls.load(source, use_ema=job.use_ema, device=device)
+        if job.compile is not None:
+            run.config.sample.compile = job.compile
+        run.velocity_model(job.guidance)
         return run
 
     # -- facts -----------------------------------------------------------------------------------

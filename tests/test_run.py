@@ -99,3 +99,20 @@ def test_sample_job_from_flat_options():
         SampleJob.from_options(n=4, stepz=3)
     with pytest.raises(ValueError, match="n: must be >= 1"):
         SampleJob(n=0).check()
+
+
+def test_a_job_can_switch_compilation_on_and_folders_keep_one_kind(toy_run, tmp_path):
+    from flowmatch.evaluation import sample_to_folder
+
+    run = Run.for_job(toy_run, SampleJob(n=2, compile=True))
+    assert run.config.sample.compile and run.network is not run.model
+    assert not Run.for_job(toy_run, SampleJob(n=2)).config.sample.compile  # None: the run's own
+    with pytest.raises(ValueError, match="unconditional"):
+        Run.for_job(toy_run, SampleJob(n=2, guidance=Guidance(scale=2.0)))
+    Trainer(digits_cfg(tmp_path, steps=1), progress=False).fit()
+    digits = tmp_path / "run"
+    out = tmp_path / "pngs"
+    sample_to_folder(digits, out, n=2, method="euler", steps=1, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="compile"):
+        sample_to_folder(digits, out, n=4, method="euler", steps=1, device="cpu", progress=False,
+                         compile=True)

@@ -56,6 +56,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "source (the recorded latent normalisation is always used)")
     add_sampling_option(p, "--diffusion", default_from="the run's sample.diffusion")
     add_sampling_option(p, "--diffusion-norm", default_from="the run's sample.diffusion_norm")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the network (same samples up to float rounding; faster for "
+                        "many samples) (default: the run's sample.compile)")
     add_no_progress(p, "no progress bar (folder output)")
     p.set_defaults(handler=run)
     return p
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix == "":  # a folder of PNGs: resumable, split over torchrun ranks
         return _sample_folder(args.checkpoint, out, job)
     _, device = distributed.init(job.device)
-    run = Run.load(args.checkpoint, use_ema=job.use_ema, device=device)
+    run = Run.for_job(args.checkpoint, job, device=device)
     settings = run.settings(job.solver, label=job.label)
     batches = [res for _, res in run.sample_batches(range(job.n), settings, job)]
     x = torch.cat([res.x.cpu() for res in batches])  # (n, *data_shape)
@@ -103,7 +106,7 @@ def sample_job(args: argparse.Namespace):
         grid_shift=args.grid_shift, diffusion=args.diffusion, diffusion_norm=args.diffusion_norm,
         cfg_scale=args.cfg_scale, cfg_interval=tuple(args.cfg_interval), batch_size=args.batch_size,
         label=args.label, use_ema=not args.no_ema, vae=args.vae, device=args.device,
-        progress=not args.no_progress)
+        progress=not args.no_progress, compile=args.compile)
 
 
 def _sample_folder(checkpoint: str, out: Path, job) -> int:

@@ -47,7 +47,9 @@ _OUR_TEMP = re.compile(r"^\.(\d{6}\.\d+\.tmp\.png|manifest\.json\..+\.tmp)$")
 _COMPARED = ("format", "checkpoint_sha256", "seed", "method", "steps", "grid", "grid_shift",
              "label", "use_ema", "data_shape")
 # Compared only when both manifests hold them (added later; older folders stay reusable).
-_COMPARED_IF_PRESENT = ("num_classes", "cfg_scale", "cfg_interval", "diffusion", "diffusion_norm")
+# (compile: compiled kernels agree with eager only to float rounding, so one folder holds one kind)
+_COMPARED_IF_PRESENT = ("num_classes", "cfg_scale", "cfg_interval", "diffusion", "diffusion_norm",
+                        "compile")
 
 
 def _prepare_folder(out: Path, manifest: dict) -> None:
@@ -152,8 +154,7 @@ def sample_to_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     job = job if job is not None else SampleJob.from_options(**options)
     job.check()
     info, dev = distributed.init(job.device)
-    run = Run.load(checkpoint, use_ema=job.use_ema, device=dev)
-    run.velocity_model(job.guidance)  # refuses guidance of an unconditional model, before any work
+    run = Run.for_job(checkpoint, job, device=dev)
     settings = run.settings(job.solver, label=job.label)
     if not run.makes_images:
         raise ValueError(f"a folder of PNGs needs image data; this model makes {run.data_shape} "
@@ -182,6 +183,7 @@ def _manifest(run: Run, job: SampleJob, settings) -> dict:
         "grid_shift": settings.grid_shift, "label": job.label, "use_ema": job.use_ema,
         "data_shape": list(run.data_shape), "num_classes": run.num_classes,
         "cfg_scale": float(job.guidance.scale), "cfg_interval": [float(v) for v in job.guidance.interval],
+        "compile": bool(run.config.sample.compile),
     }
     if settings.method in SDE_METHODS:
         manifest.update(diffusion=settings.diffusion, diffusion_norm=settings.diffusion_norm)
