@@ -29,8 +29,9 @@ the script goes on; a stage whose check ran but did not hold has status "fail". 
   and under bf16 autocast.
 * ``train:DiT-B/2``, ``train:celebahq_dit``: training throughput (images/s) of DiT-B/2 (the paper's
   size and recipe: sin-cos positions, LayerNorm, GELU) and of the 38.75M recipe on 4x32x32 latents,
-  batch 256, through ``Learner.train_step`` as the Trainer calls it (bf16 autocast, AdamW foreach,
-  gradient clipping, EMA; no data loading), and the model FLOP utilisation: analytic FLOPs per image
+  batch 256, through ``Learner.train_step`` as the Trainer calls it (bf16 autocast, the Trainer's
+  ``fast_paths``: fused AdamW and TF32 on CUDA; gradient clipping, EMA; no data loading), and the
+  model FLOP utilisation: analytic FLOPs per image
   (``dit_speed.analytic_forward_flops``, matmuls only, training = 3 x forward) x images/s divided
   by the device's bf16 dense peak (:data:`PEAK_BF16_TFLOPS`, or ``--peak-tflops``).
 * ``sample:DiT-B/2``, ``sample:celebahq_dit``: sampling throughput (images/s) of class-conditional
@@ -88,6 +89,7 @@ from flowmatch.training import (
     build_model_from_config,
 )
 from flowmatch.training.loop import amp_dtype, autocast
+from flowmatch.training.trainer import fast_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "celebahq_dit.yaml"
@@ -440,8 +442,11 @@ def stage_train(ctx: Check, spec: Spec) -> dict:
     """Training throughput and MFU of one DiT: ``Learner.train_step`` as in the Trainer."""
     cfg, tc = spec.cfg, spec.cfg.train
     model = build(ctx, spec)
+    fast = fast_paths(ctx.device)  # what the Trainer takes on this device: fused AdamW, TF32 on CUDA
+    if fast["tf32"]:
+        torch.set_float32_matmul_precision("high")
     optimizer = torch.optim.AdamW(list(model.parameters()), lr=tc.lr, betas=tc.betas,
-                                  weight_decay=tc.weight_decay, foreach=True)
+                                  weight_decay=tc.weight_decay, **fast["adamw"])
     learner = Learner(model, optimizer, EMA(model),
                       UpdateRule(lambda step: tc.lr, grad_clip=tc.grad_clip, ema_decay=tc.ema_decay))
     dtype = amp_dtype(tc.mixed_precision, ctx.device)  # bf16 on a CUDA device that has it
