@@ -40,6 +40,7 @@ from flowmatch.config import Config, ConfigError
 from flowmatch.flow.paths import AffinePath, build_path
 from flowmatch.flow.sampling import (
     SampleSettings,
+    check_two_time,
     generate_with_settings,
     resolve_settings,
     seeded_noise,
@@ -252,9 +253,11 @@ class Run:
     def settings(self, solver: SolverChoice = SolverChoice(), label: int | None = None) -> SampleSettings:
         """Resolved sampling settings: the run's ``sample`` section with the non-None choices of
         ``solver``. Raises ValueError naming the setting (unknown method, an NFE the method cannot
-        spend exactly, a label the model cannot take, ...)."""
-        return resolve_settings(self.config.sample, **dataclasses.asdict(solver), label=label,
-                                num_classes=self.num_classes)
+        spend exactly, a label the model cannot take, ``meanflow`` for a model without two times, ...)."""
+        settings = resolve_settings(self.config.sample, **dataclasses.asdict(solver), label=label,
+                                    num_classes=self.num_classes)
+        check_two_time(self.model, settings.method)
+        return settings
 
     @property
     def network(self) -> nn.Module:

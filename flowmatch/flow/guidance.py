@@ -20,7 +20,8 @@ __all__ = ["ClassifierFreeGuidance"]
 
 
 class ClassifierFreeGuidance(nn.Module):
-    """Wrap ``model`` (with a learned null class) so that ``forward(x, t, y)`` is guided by ``scale``."""
+    """Wrap ``model`` (with a learned null class) so that ``forward(x, t, y)`` is guided by ``scale``;
+    a two-time model's ``forward(x, t, y, r)`` (its average velocity) is guided by the same formula."""
 
     def __init__(self, model: nn.Module, scale: float, interval: tuple[float, float] = (0.0, 1.0)):
         super().__init__()
@@ -38,7 +39,14 @@ class ClassifierFreeGuidance(nn.Module):
     def null_class(self) -> int:
         return self.model.null_class
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def two_time(self) -> bool:
+        """Whether the wrapped model takes the second time ``r`` (then guided as ``u(x, t, r)``)."""
+        return bool(getattr(self.model, "two_time", False))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                r: torch.Tensor | None = None) -> torch.Tensor:
+        given_r = {} if r is None else {"r": r}  # a one-time model is never handed r
         B = x.shape[0]
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(B) if torch.as_tensor(t).ndim == 0 else t
         if y is None:
@@ -47,9 +55,10 @@ class ClassifierFreeGuidance(nn.Module):
         inside = bool(((t >= lo) & (t <= hi)).all())
         if self.scale == 1.0 or not inside:
             self.network_evals += 1
-            return self.model(x, t, y)  # (B, ...) the conditional velocity
+            return self.model(x, t, y, **given_r)  # (B, ...) the conditional velocity
         null = torch.full_like(y, self.model.null_class)
-        v = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2B, ...)
+        both_r = {} if r is None else {"r": torch.cat([r, r])}
+        v = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **both_r)  # (2B, ...)
         v_cond, v_uncond = v[:B], v[B:]
         self.network_evals += 2
         return v_uncond + self.scale * (v_cond - v_uncond)

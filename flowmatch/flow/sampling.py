@@ -1,4 +1,7 @@
-"""Drawing samples from a trained velocity model: seeded noise -> ODE (or SDE) solve from t=0 to t=1.
+"""Drawing samples from a trained velocity model: seeded noise -> ODE (or SDE) solve from t=0 to t=1,
+or, for a two-time model (``model.two_time``: trained with ``train.objective: meanflow``), jumps with
+its average velocity ``u(x, t, r)`` (method ``meanflow``). Every other method samples a two-time model
+through its instantaneous velocity ``u(x, t, t)``, the model's default (``r=None``).
 
 One seed per sample: sample ``i`` of a job always starts from the noise drawn with seed
 ``(seed, i)``, so a set of samples does not depend on the batch size or on how many processes
@@ -38,7 +41,9 @@ __all__ = [
     "SDE_METHODS",
     "SETTING_NAMES",
     "SampleSettings",
+    "as_average_velocity",
     "as_velocity",
+    "check_two_time",
     "generate",
     "generate_with_settings",
     "resolve_settings",
@@ -184,6 +189,22 @@ def as_velocity(model: Callable, y: torch.Tensor | None = None) -> Callable:
     return model
 
 
+def as_average_velocity(model: Callable, y: torch.Tensor | None = None) -> Callable:
+    """``u(x, t, r)`` of a two-time ``model``: a module (or any callable given labels ``y``) is called
+    ``model(x, t, y, r=r)``; a plain callable without labels is taken as ``u(x, t, r)`` itself."""
+    if isinstance(model, nn.Module) or y is not None:
+        return lambda x, t, r: model(x, t, y, r=r)
+    return model
+
+
+def check_two_time(model: Callable, method: str) -> None:
+    """ValueError unless ``model`` can be sampled with ``method``: an average-velocity method
+    (``meanflow``) needs a two-time model, one whose ``two_time`` attribute is true."""
+    if get_solver(method).kind == "average" and not getattr(model, "two_time", False):
+        raise ValueError(f"method {method} needs a model trained with two_time "
+                         "(train.objective: meanflow)")
+
+
 @contextlib.contextmanager
 def _eval_mode(model) -> Iterator[None]:
     """A module in eval mode for the block (its mode restored after); other callables untouched."""
@@ -202,7 +223,8 @@ def _eval_mode(model) -> Iterator[None]:
 def generate(model: Callable, x0: torch.Tensor, settings: SampleSettings | None = None, *,
              y: torch.Tensor | None = None, path=None, noise=None, return_trajectory: bool = False,
              final_noise: bool = False, **overrides) -> ODEResult:
-    """Integrate ``dx/dt = v(x, t)`` from the noise ``x0`` at t=0 to t=1 with ``settings``.
+    """Integrate ``dx/dt = v(x, t)`` from the noise ``x0`` at t=0 to t=1 with ``settings`` (or, with
+``meanflow``, jump along the grid with the average velocity of a two-time model).
 
     model: a velocity module ``model(x, t, y)`` (put in eval mode for the call), or any callable
     ``v(x, t)`` (``v(x, t, y)`` when labels are given). x0: ``(B, *data_shape)`` noise; y: ``(B,)``
@@ -212,7 +234,8 @@ def generate(model: Callable, x0: torch.Tensor, settings: SampleSettings | None 
     ``path`` (the run's :class:`~flowmatch.flow.paths.AffinePath`) is needed by ``dpm2m`` and by the
     SDE sampler ``euler_maruyama``, which also takes ``noise(step) -> (B, *data_shape)`` (e.g.
     :func:`sde_noise`; default: ``torch.randn``) and ``final_noise`` (see :mod:`flowmatch.flow.sde`).
-    Returns the solver's :class:`ODEResult` (``.x`` the samples, ``.nfe`` the exact number of network
+    ``meanflow`` calls ``model(x, t, y, r=t_next)`` and needs ``model.two_time`` true (ValueError
+    otherwise; a plain callable ``u(x, t, r)`` may carry the attribute). Returns the solver's :class:`ODEResult` (``.x`` the samples, ``.nfe`` the exact number of network
     evaluations).
     """
     check_keywords("generate", overrides, SETTING_NAMES)
@@ -220,7 +243,8 @@ def generate(model: Callable, x0: torch.Tensor, settings: SampleSettings | None 
     spec = s.spec
     if spec.needs_path and path is None:
         raise ValueError(f"method {s.method!r} needs the probability path: pass path=")
-    velocity = as_velocity(model, y)
+    check_two_time(model, s.method)
+    velocity = (as_average_velocity if spec.kind == "average" else as_velocity)(model, y)
     with _eval_mode(model):
         times = s.times(x0)
         if spec.kind == "sde":

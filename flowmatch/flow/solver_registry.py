@@ -1,8 +1,8 @@
 """Every sampling method in one table, and what derives from it.
 
 ``SOLVERS`` maps each name a sampling method may have (``sample.method``, ``--method``) to its
-:class:`~flowmatch.flow.solvers.SolverSpec`: the ODE methods' records live next to their code in
-:mod:`flowmatch.flow.solvers`, the SDE sampler's in :mod:`flowmatch.flow.sde` (which imports the
+:class:`~flowmatch.flow.solvers.SolverSpec`: the ODE methods' and the average-velocity sampler's (``meanflow``, for two-time models)
+records live next to their code in :mod:`flowmatch.flow.solvers`, the SDE sampler's in :mod:`flowmatch.flow.sde` (which imports the
 solvers module, so the two tables are joined here, above both, rather than in either). Validation
 (:func:`get_solver`), NFE budgets (:func:`steps_for_nfe`), the CLI's help text
 (:func:`methods_help`) and the README's solver table (:func:`solver_table_markdown`) are all read
@@ -12,7 +12,7 @@ off the records, so adding a method touches its own module and its tests only.
 from __future__ import annotations
 
 from flowmatch.flow.sde import SDE_SOLVERS
-from flowmatch.flow.solvers import ODE_SOLVERS, SolverSpec, find_solver
+from flowmatch.flow.solvers import AVERAGE_SOLVERS, ODE_SOLVERS, SolverSpec, find_solver
 
 __all__ = [
     "FIXED_STEP_NFE",
@@ -25,13 +25,13 @@ __all__ = [
     "steps_for_nfe",
 ]
 
-#: name -> record, the ODE methods first, then the SDE samplers.
-SOLVERS: dict[str, SolverSpec] = {**ODE_SOLVERS, **SDE_SOLVERS}
+#: name -> record, the ODE methods first, then the SDE samplers, then the average-velocity ones.
+SOLVERS: dict[str, SolverSpec] = {**ODE_SOLVERS, **SDE_SOLVERS, **AVERAGE_SOLVERS}
 
 # The old tables, derived (other modules and benchmarks import them).
 #: The stochastic samplers; they walk a time grid like the fixed-step ODE methods.
 SDE_METHODS: tuple[str, ...] = tuple(n for n, s in SOLVERS.items() if s.kind == "sde")
-#: Every name a sampling method may have: the ODE solvers, then the SDE samplers.
+#: Every name a sampling method may have: the ODE solvers, the SDE samplers, the average-velocity ones.
 METHODS: tuple[str, ...] = tuple(SOLVERS)
 #: Network evaluations per step of each grid-walking method (the solvers count exactly).
 FIXED_STEP_NFE: dict[str, int] = {n: s.nfe_per_step for n, s in SOLVERS.items() if s.nfe_per_step is not None}
@@ -71,7 +71,8 @@ def methods_help() -> str:
 
     return (f"ODE, fixed step (NFE per step): {names('fixed', True)}; "
             f"ODE, adaptive (torchdiffeq, atol / rtol): {names('adaptive', False)}; "
-            f"SDE (NFE per step): {names('sde', True)}")
+            f"SDE (NFE per step): {names('sde', True)}; "
+            f"average-velocity jumps, two-time models only (NFE per step): {names('average', True)}")
 
 
 def _number(x: float) -> str:
@@ -83,6 +84,8 @@ def _row(group: list[SolverSpec]) -> str:
     names = ", ".join(f"`{s.name}`" for s in group)
     if kind == "adaptive":
         order, nfe = "adaptive", "-"
+    elif kind == "average":  # exact for the exact average velocity: the note says what it is
+        order, nfe = "n/a", ", ".join(str(s.nfe_per_step) for s in group)
     else:
         order = "SDE" if kind == "sde" else ", ".join(_number(s.order) for s in group)
         nfe = ", ".join(str(s.nfe_per_step) for s in group)

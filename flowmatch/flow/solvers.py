@@ -23,6 +23,12 @@ in ``x`` exactly and extrapolates only the model's data prediction (see :func:`d
 methods (``dopri5``, ...) come from torchdiffeq, an optional extra, and return the states at the grid
 times.
 
+``meanflow`` is not an ODE method: it walks the grid with the *average* velocity
+``u(z_t, t, r) = 1/(r - t) * integral_t^r v(z_s, s) ds`` of a two-time model (trained with
+``train.objective: meanflow``), jumping ``z_r = z_t + (r - t) u(z_t, t, r)`` from each grid time to
+the next (1 NFE per jump; see :func:`meanflow`). Every ODE method still works on such a model through
+its instantaneous velocity ``u(z, t, t) = v(z, t)``.
+
 Each method has one record, a :class:`SolverSpec` in ``ODE_SOLVERS`` next to its code (the SDE
 sampler's lives in :mod:`flowmatch.flow.sde`); :mod:`flowmatch.flow.solver_registry` joins them and
 derives validation, NFE budgets, ``--help`` text and the README table. Adding a method: its function
@@ -44,6 +50,7 @@ from torch import Tensor
 
 __all__ = [
     "ADAPTIVE_METHODS",
+    "AVERAGE_SOLVERS",
     "FIXED_STEP_METHODS",
     "KINDS",
     "MIN_STEPS",
@@ -60,6 +67,7 @@ __all__ = [
     "find_solver",
     "heun",
     "integrate",
+    "meanflow",
     "midpoint",
     "ode_grid",
     "odeint_adaptive",
@@ -72,6 +80,9 @@ __all__ = [
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 # inside a method, f(x, t) takes t as a 0-dim tensor; solve_ode fills the (B,) tensor and counts calls
 StepFn = Callable[[Tensor, Tensor], Tensor]
+# u(x, t, r): the average velocity over [t, r] of a two-time model; x (B, ...), t and r (B,) -> (B, ...)
+# (inside meanflow, t and r are 0-dim like StepFn's t)
+AverageFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -217,6 +228,30 @@ def dpm2m(f: StepFn, x: Tensor, grid: Tensor, *, path) -> Iterator[Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Average-velocity jumps (two-time models)
+# ----------------------------------------------------------------------------------------------
+
+
+def meanflow(u: AverageFn, x: Tensor, grid: Tensor) -> Iterator[Tensor]:
+    """MeanFlow sampling (Geng et al. 2025, Algorithm 2 in our time direction): one jump per grid step
+    with the average velocity ``u(z_t, t, r) = 1/(r - t) * integral_t^r v(z_s, s) ds``::
+
+        z_{k+1} = z_k + (t_{k+1} - t_k) * u(z_k, t_k, t_{k+1})
+
+    1 NFE per step. With the exact average velocity every grid gives the exact flow map (one step
+    from 0 to 1 is one-step generation); with ``u(z, t, r) = v(z, t)`` it is forward Euler (order 1),
+    so its error as the steps grow is that of Euler on the instantaneous velocity ``u(z, t, t)``.
+
+    Forwards only (noise -> data): the model is trained for ``r >= t``.
+    """
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        if not bool(t_next > t):
+            raise ValueError("meanflow jumps forwards only (noise -> data): the grid must increase")
+        x = x + (t_next - t) * u(x, t, t_next)  # the displacement over [t, t_next] in one jump
+        yield x
+
+
+# ----------------------------------------------------------------------------------------------
 # Adaptive methods (torchdiffeq)
 # ----------------------------------------------------------------------------------------------
 
@@ -250,7 +285,9 @@ def odeint_adaptive(f: StepFn, x0: Tensor, times: Tensor, *, method: str, atol: 
 # The registry: one record per method
 # ----------------------------------------------------------------------------------------------
 
-KINDS: tuple[str, ...] = ("fixed", "adaptive", "sde")
+#: fixed: ODE grid walkers; adaptive: torchdiffeq; sde: stochastic samplers; average: grid walkers
+#: with the average velocity ``u(x, t, r)`` of a two-time model (``meanflow``).
+KINDS: tuple[str, ...] = ("fixed", "adaptive", "sde", "average")
 
 
 @dataclass(frozen=True)
@@ -259,8 +296,10 @@ class SolverSpec:
     table derive from these records (:mod:`flowmatch.flow.solver_registry`).
 
     fn: the implementation -- a grid walker ``fn(f, x, grid[, path=])`` for kind ``"fixed"``,
-    :func:`odeint_adaptive` for ``"adaptive"``, :func:`flowmatch.flow.sde.solve_sde` for ``"sde"``.
-    order: convergence order (strong order for an SDE). nfe_per_step: network evaluations per step
+    :func:`odeint_adaptive` for ``"adaptive"``, :func:`flowmatch.flow.sde.solve_sde` for ``"sde"``,
+    a grid walker ``fn(u, x, grid)`` over the average velocity ``u(x, t, r)`` for ``"average"``.
+    order: convergence order (strong order for an SDE; for ``"average"`` the order with
+    ``u(z, t, r) = v(z, t)``: the exact average velocity is exact at any step count). nfe_per_step: network evaluations per step
     (None for adaptive methods: they choose their steps). needs_path: takes the probability path.
     min_steps: the fewest steps (None for adaptive). summary: one line for the docs.
     """
@@ -306,6 +345,15 @@ ODE_SOLVERS: dict[str, SolverSpec] = {s.name: s for s in (
 )}
 
 
+#: The average-velocity samplers: they need a two-time model (``model.two_time``).
+AVERAGE_SOLVERS: dict[str, SolverSpec] = {s.name: s for s in (
+    SolverSpec("meanflow", meanflow, 1, 1, "average",
+               summary="MeanFlow: K jumps `z_r = z_t + (r - t) u(z_t, t, r)` with the average velocity "
+                       "of a two-time model (`train.objective: meanflow`), `--steps 1` is one-step "
+                       "generation; exact at any K for the exact u, Euler (order 1) for u = v"),
+)}
+
+
 def find_solver(name: str, table: Mapping[str, SolverSpec]) -> SolverSpec:
     """The record of ``name`` in ``table``; ValueError listing the valid names otherwise."""
     if name not in table:
@@ -328,7 +376,8 @@ SOLVER_NAMES: tuple[str, ...] = tuple(ODE_SOLVERS)
 
 
 class _CountedVelocity:
-    """``f(x, t)`` with a 0-dim ``t``: calls ``velocity(x, t (B,))`` and counts the calls."""
+    """``f(x, t)`` with a 0-dim ``t``: calls ``velocity(x, t (B,))`` and counts the calls; ``f(x, t, r)``
+    (an average velocity) calls ``velocity(x, t (B,), r (B,))``."""
 
     def __init__(self, velocity: VelocityFn, batch: int, time_dtype: torch.dtype):
         self.velocity = velocity
@@ -336,11 +385,16 @@ class _CountedVelocity:
         self.time_dtype = time_dtype
         self.nfe = 0
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, r: Tensor | None = None) -> Tensor:
         self.nfe += 1
+        if r is None:
+            return self.velocity(x, self._times(t))
+        return self.velocity(x, self._times(t), self._times(r))
+
+    def _times(self, t: Tensor) -> Tensor:
         # a fresh (B,) tensor, not an expanded view, so a model may modify or view it freely
         # (torchdiffeq may hand over its internal time dtype; the model sees one dtype throughout)
-        return self.velocity(x, t.to(self.time_dtype).reshape(1).repeat(self.batch))
+        return t.to(self.time_dtype).reshape(1).repeat(self.batch)
 
 
 def check_grid(grid: Tensor) -> None:
@@ -395,7 +449,8 @@ def integrate(spec: SolverSpec, velocity: VelocityFn, x0: Tensor, times: Tensor,
     """The core of :func:`solve_ode`: integrate ``dx/dt = velocity(x, t)`` from ``x(times[0]) = x0``
     over the explicit grid ``times`` (checked, in :func:`time_dtype_for` ``(x0)``) with the ODE
     method ``spec``. For an adaptive method ``times`` are the output times, ``atol`` / ``rtol`` its
-    tolerances (unused otherwise)."""
+    tolerances (unused otherwise). For an average-velocity method (kind ``"average"``, e.g.
+    ``meanflow``) ``velocity`` is the average velocity ``u(x, t, r)``, ``t`` and ``r`` ``(B,)``."""
     if spec.kind == "sde":
         raise ValueError(f"{spec.name!r} is an SDE sampler: use flowmatch.flow.sde.solve_sde")
     if spec.needs_path and path is None:

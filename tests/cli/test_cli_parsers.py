@@ -68,7 +68,7 @@ def test_distill_needs_the_students_nfe(capsys):
 def test_sample_help_says_where_its_defaults_come_from():
     text = " ".join(_subparsers(build_parser())["sample"].format_help().split())
     for part in ("solver steps (default: the run's sample.steps)",
-                 "euler_maruyama (1) (default: the run's sample.method)",
+                 "meanflow (1) (default: the run's sample.method)",
                  "time grid: uniform | shifted | edm (default: the run's)",
                  "scale of w(t) (default: the run's sample.diffusion_norm)",
                  "samples per forward batch (default: 256)"):

@@ -34,15 +34,15 @@ def test_old_tables_keep_their_values():
     assert solvers.ADAPTIVE_METHODS == ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
     assert solvers.SOLVER_NAMES == tuple(solvers.FIXED_STEP_METHODS) + solvers.ADAPTIVE_METHODS
     assert SDE_METHODS == ("euler_maruyama",)
-    assert METHODS == solvers.SOLVER_NAMES + SDE_METHODS
+    assert METHODS == solvers.SOLVER_NAMES + SDE_METHODS + ("meanflow",)
     assert FIXED_STEP_NFE == {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 1, "dpm2m": 1,
-                              "euler_maruyama": 1}
+                              "euler_maruyama": 1, "meanflow": 1}
     # and the sampling module re-exports the same objects
     assert sampling.METHODS is METHODS and sampling.FIXED_STEP_NFE is FIXED_STEP_NFE
     assert sampling.SDE_METHODS is SDE_METHODS and sampling.steps_for_nfe is steps_for_nfe
 
 
-@pytest.mark.parametrize("name", [n for n, s in SOLVERS.items() if s.kind != "adaptive"])
+@pytest.mark.parametrize("name", [n for n, s in SOLVERS.items() if s.kind not in ("adaptive", "average")])
 def test_nfe_per_step_is_what_a_solve_costs(name):
     # the record's NFE per step is measured, not trusted; 3 steps of any grid walker
     x0 = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -62,7 +62,7 @@ def test_records_are_consistent():
 
 def test_get_solver_validates_with_every_name():
     assert get_solver("dpm2m").needs_path and get_solver("euler_maruyama").kind == "sde"
-    with pytest.raises(ValueError, match=r"unknown solver 'rk45' \(valid: euler, midpoint, .*dopri5.*euler_maruyama\)"):
+    with pytest.raises(ValueError, match=r"unknown solver 'rk45' \(valid: euler, midpoint, .*dopri5.*euler_maruyama, meanflow\)"):
         get_solver("rk45")
 
 
