@@ -7,6 +7,16 @@ It returns the velocity, shaped like ``x``. Conditional models (``num_classes > 
 ``model.null_class == num_classes``, the label that means "no class" for classifier-free guidance;
 unconditional models have ``model.null_class is None``.
 
+Two times (MeanFlow's average velocity): every model is called as ``model(x, t, y=None, r=None)``.
+A model built with its config's ``two_time: true`` (``model.two_time``) also conditions on ``r``, the
+end of the interval ``[t, r]`` (``r >= t``; shaped like ``t``), by embedding ``h = r - t`` with a second
+time embedder of the same kind as ``t``'s (``model.h_embedder``) added to ``t``'s embedding; ``r=None``
+means ``r = t`` (bit for bit), the instantaneous velocity ``u(x, t, t) = v(x, t)``. A freshly built
+two-time model computes what the one-time model of the same seed computes, for every ``r`` (the
+interval embedder's output layer starts at zero), and its attention avoids SDPA's fused kernels so
+that ``torch.func.jvp`` differentiates it w.r.t. ``(x, t, r)``. A model built without ``two_time`` has
+the state dict, parameters and outputs it always had, and raises ``ValueError`` if given an ``r``.
+
 To add an architecture, add one entry to ``MODEL_REGISTRY``: ``name -> (ConfigClass, ModelClass)``.
 A YAML ``model:`` section's extra keys are checked against the config class's fields.
 """

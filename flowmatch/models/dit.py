@@ -2,6 +2,7 @@
 
     x (B, C, H, W) --patchify p x p--> tokens (B, N, D) (+ sin-cos table)        N = (H/p)(W/p)
     t (B,) --TimestepEmbedder--> c (B, D)  (+ class embedding when num_classes > 0)
+    r - t (B,) --TimestepEmbedder--> added to c  (two_time models only: MeanFlow's u(x, t, r))
     tokens --[depth x DiTBlock(tokens, c)]--> adaLN final layer --> (B, N, p*p*C) --unpatchify--> v
 
 Every block is pre-norm attention + MLP whose norms are modulated by ``c`` ("adaLN-Zero"): one
@@ -33,8 +34,9 @@ from flowmatch.models.layers import (
     RotaryEmbedding2D,
     SwiGLUFeedForward,
     TimestepEmbedder,
-    broadcast_time,
     check_data_shape,
+    embed_times,
+    interval_embedder,
     make_norm,
     sincos_pos_embed_2d,
 )
@@ -86,6 +88,10 @@ class DiTConfig:
     #: Compatibility with DiT's learned-variance head: the final layer outputs 2C channels (so
     #: parameter counts and state dicts match the reference); forward returns the first C, the velocity.
     learn_sigma: bool = False
+    #: Condition on a second time r as well (MeanFlow's average velocity u(x, t, r)): the interval
+    #: r - t gets its own time embedder (h_embedder), added to t's before the adaLN modulations;
+    #: attention runs without SDPA, so torch.func.jvp can differentiate the model.
+    two_time: bool = False
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "hidden_size", "depth", "num_heads"):
@@ -191,7 +197,11 @@ class DiTBlock(nn.Module):
         D = cfg.hidden_size
         self.norm1 = make_norm(cfg.norm, D, elementwise_affine=False)
         self.attn = Attention(
-            D, cfg.num_heads, qkv_bias=cfg.qkv_bias, qk_norm=cfg.norm if cfg.qk_norm else None
+            D,
+            cfg.num_heads,
+            qkv_bias=cfg.qkv_bias,
+            qk_norm=cfg.norm if cfg.qk_norm else None,
+            forward_ad=cfg.two_time,
         )
         self.norm2 = make_norm(cfg.norm, D, elementwise_affine=False)
         if cfg.mlp == "swiglu":
@@ -284,6 +294,9 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(D, p, self.out_channels, cfg.norm)
         self.initialize_weights()
+        # After the initialisation, from no random numbers: the other weights are a one-time model's.
+        self.two_time = cfg.two_time
+        self.h_embedder = interval_embedder(self.t_embedder) if cfg.two_time else None
 
     def initialize_weights(self) -> None:
         """DiT's initialisation (adaLN-Zero).
@@ -296,6 +309,9 @@ class DiT(nn.Module):
           identity; the final layer's modulation and its linear, so the initial velocity is exactly 0
           for every input (the flow starts as the identity map and early gradients are not spent
           undoing a random output).
+
+        A two-time model's ``h_embedder`` is built after this, as a copy of the initialised
+        ``t_embedder`` with its output layer zeroed (:func:`~flowmatch.models.layers.interval_embedder`).
         """
 
         def basic_init(module: nn.Module) -> None:
@@ -333,14 +349,21 @@ class DiT(nn.Module):
         return x.permute(0, 5, 1, 3, 2, 4).reshape(B, self.in_channels, h * p, w * p)  # (B, C, H, W)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        y: torch.Tensor | None = None,
+        r: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         """``x (B, C, H, W)``, ``t (B,)`` / 0-dim / float in ``[0, 1]``, ``y (B,)`` int64 or None
-        -> velocity ``(B, C, H, W)``. Below, ``N = (H/p)(W/p)`` tokens of width ``D``."""
+        -> velocity ``(B, C, H, W)``. Below, ``N = (H/p)(W/p)`` tokens of width ``D``.
+
+        ``r`` (two-time models only; shaped like ``t``): the end of the interval ``[t, r]`` of the
+        average velocity; None means ``r = t``, the instantaneous velocity.
+        """
         check_data_shape(x, self.data_shape)
         B = x.shape[0]
-        t = broadcast_time(t, B, x.device)  # (B,)
-        c = self.t_embedder(t)  # (B, D)
+        c = embed_times(x, t, r, self.t_embedder, self.h_embedder)  # (B, D)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, B)  # (B, D)
         elif y is not None:

@@ -6,11 +6,13 @@ attention over tokens; the transformer pieces (norms, feed-forward layers, 2-D p
 a fixed sin-cos table and rotary embeddings) live here too, so another token model can reuse them.
 
 Time convention: ``t = 0`` is noise, ``t = 1`` is data, and a model receives ``t`` as a float in
-``[0, 1]`` -- never an integer diffusion step.
+``[0, 1]`` -- never an integer diffusion step. A two-time model also receives ``r`` and embeds the
+interval ``r - t`` the same way (:func:`embed_times`, :func:`interval_embedder`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -20,6 +22,8 @@ import torch.nn.functional as F
 __all__ = [
     "timestep_embedding",
     "TimestepEmbedder",
+    "interval_embedder",
+    "embed_times",
     "LabelEmbedder",
     "RMSNorm",
     "make_norm",
@@ -29,6 +33,7 @@ __all__ = [
     "rope_2d_angles",
     "apply_rope",
     "RotaryEmbedding2D",
+    "math_attention",
     "Attention",
     "broadcast_time",
     "check_data_shape",
@@ -139,6 +144,60 @@ class TimestepEmbedder(nn.Module):
         t_freq = timestep_embedding(t, self.frequency_dim, self.max_period, self.scale)  # (B, F)
         t_freq = t_freq.to(self.mlp[0].weight.dtype)  # (B, F) match a half-precision model
         return self.mlp(t_freq)  # (B, dim)
+
+
+def interval_embedder(t_embedder: TimestepEmbedder) -> TimestepEmbedder:
+    """The embedder of a two-time model's interval ``h = r - t``: the same machinery as ``t``'s.
+
+    A copy of ``t_embedder`` (same sinusoidal features, widths, ``max_period`` and ``scale``; its first
+    Linear starts as ``t``'s) whose output Linear is zeroed, so at construction ``h`` contributes
+    nothing: a freshly built two-time model computes, for every ``r``, exactly what the one-time
+    model with the same seed computes (copying draws no random numbers, so every other weight is
+    that model's too). The zeroed layer receives gradients from the first step, like DiT's zeroed
+    adaLN layers; the first layer follows once it is non-zero.
+    """
+    h_embedder = copy.deepcopy(t_embedder)
+    nn.init.zeros_(h_embedder.mlp[2].weight)
+    nn.init.zeros_(h_embedder.mlp[2].bias)
+    return h_embedder
+
+
+def embed_times(
+    x: torch.Tensor,
+    t: torch.Tensor | float,
+    r: torch.Tensor | float | None,
+    t_embedder: TimestepEmbedder,
+    h_embedder: TimestepEmbedder | None,
+) -> torch.Tensor:
+    """The time conditioning of a model: ``c = t_embedder(t)`` (+ ``h_embedder(r - t)`` for two times).
+
+    A one-time model (``h_embedder is None``) embeds ``t`` alone and rejects an ``r``. A two-time
+    model (MeanFlow's average velocity ``u(x, t, r)`` over ``[t, r]``) also embeds the interval
+    ``h = r - t`` and adds it; ``r=None`` reads as ``r = t`` (``h = 0``, bit for bit the same as
+    passing ``r=t``), the instantaneous velocity.
+
+    Args:
+        x: the model's input ``(B, ...)``: gives the batch size and the device.
+        t, r: each a float, a 0-dim tensor or a ``(B,)`` tensor (see :func:`broadcast_time`).
+
+    Returns:
+        ``(B, E)``.
+
+    Raises:
+        ValueError: ``r`` given to a one-time model, or a time of the wrong shape.
+    """
+    B = x.shape[0]
+    t = broadcast_time(t, B, x.device)  # (B,)
+    c = t_embedder(t)  # (B, E)
+    if h_embedder is None:
+        if r is not None:
+            raise ValueError(
+                "this model was built without two_time, so it takes one time t; got a second time r "
+                "(build it with the model config's two_time: true, or pass r=None)"
+            )
+        return c
+    r = t if r is None else broadcast_time(r, B, x.device)  # (B,)
+    return c + h_embedder(r - t)  # (B, E)
 
 
 class LabelEmbedder(nn.Module):
@@ -391,6 +450,24 @@ class RotaryEmbedding2D(nn.Module):
 #################################################################################
 
 
+def math_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """``dropout(softmax(q k^T / sqrt(head_dim))) v`` with plain tensor ops, which all have forward-mode
+    derivatives (``torch.func.jvp``), unlike SDPA's fused kernels.
+
+    The same value as ``F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)`` up to rounding
+    (it is SDPA's math backend written out), at the cost of materialising the ``(N, N)`` weights.
+
+    Shapes: ``q, k, v (B, heads, N, head_dim) -> (B, heads, N, head_dim)``.
+    """
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, N, N)
+    weights = torch.softmax(scores, dim=-1)  # (B, heads, N, N)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)  # (B, heads, N, N)
+    return weights @ v  # (B, heads, N, head_dim)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over the token axis, through ``F.scaled_dot_product_attention``.
 
@@ -404,12 +481,18 @@ class Attention(nn.Module):
     a rotary position embedding (applied after the norm; real ``(cos, sin)`` tables, see
     :func:`apply_rope`).
 
+    ``forward_ad=True`` computes the attention product with plain tensor ops (:func:`math_attention`,
+    the formula of SDPA's math backend) instead of SDPA, whose fused kernels (CPU flash, CUDA flash /
+    memory-efficient) have no forward-mode derivative as of torch 2.13, so ``torch.func.jvp`` could
+    not differentiate the layer. Two-time (MeanFlow) models set it: their objective is a JVP.
+
     Args:
         dim: token width; must be divisible by ``num_heads``.
         num_heads: number of heads, each of width ``dim // num_heads``.
         qkv_bias: bias in the fused qkv projection.
         dropout: dropout on the attention weights, active only in training mode.
         qk_norm: ``None`` (off), ``"layernorm"`` or ``"rmsnorm"``.
+        forward_ad: use :func:`math_attention` (forward-mode AD works) instead of SDPA.
 
     Shapes: ``(B, N, dim) -> (B, N, dim)``.
     """
@@ -421,6 +504,7 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         dropout: float = 0.0,
         qk_norm: str | None = None,
+        forward_ad: bool = False,
     ):
         super().__init__()
         if dim % num_heads != 0:
@@ -428,6 +512,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.dropout = dropout
+        self.forward_ad = forward_ad
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         if qk_norm is not None:
             self.q_norm = make_norm(qk_norm, self.head_dim)
@@ -452,6 +537,7 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)  # 2 x (B, N, heads, head_dim)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # 3 x (B, heads, N, hd)
         dropout_p = self.dropout if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, heads, N, head_dim)
+        attend = math_attention if self.forward_ad else F.scaled_dot_product_attention
+        x = attend(q, k, v, dropout_p=dropout_p)  # (B, heads, N, head_dim)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.proj(x)  # (B, N, C)

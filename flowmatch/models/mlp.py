@@ -2,6 +2,7 @@
 
     x (B, D) --in_proj--> h (B, hidden) --[depth x ResidualBlock(h, c)]--> LN -> act -> out_proj --> v (B, D)
     t (B,) --TimestepEmbedder--> c (B, time_embed_dim)   (+ class embedding when num_classes > 0)
+    r - t (B,) --TimestepEmbedder--> added to c            (two_time models only: MeanFlow's u(x, t, r))
 
 Time enters every block: each block *adds* a learned projection of ``c`` to its hidden
 pre-activation. Adding ``U c`` is exactly the same function as concatenating ``c`` to the block's
@@ -19,8 +20,9 @@ import torch.nn as nn
 from flowmatch.models.layers import (
     LabelEmbedder,
     TimestepEmbedder,
-    broadcast_time,
     check_data_shape,
+    embed_times,
+    interval_embedder,
 )
 
 __all__ = ["MLPConfig", "MLP"]
@@ -45,6 +47,9 @@ class MLPConfig:
     time_embed_dim: int = 64
     #: Non-linearity: "silu", "gelu" or "relu".
     activation: str = "silu"
+    #: Condition on a second time r as well (MeanFlow's average velocity u(x, t, r)): the interval
+    #: r - t gets its own time embedder, added to t's (see flowmatch.models.layers.embed_times).
+    two_time: bool = False
 
     def __post_init__(self) -> None:
         if self.activation not in _ACTIVATIONS:
@@ -125,6 +130,9 @@ class MLP(nn.Module):
         self.out_act = _ACTIVATIONS[cfg.activation]()
         self.out_proj = nn.Linear(cfg.hidden, dim)
         self.initialize_weights()
+        # After the initialisation, from no random numbers: the other weights are a one-time model's.
+        self.two_time = cfg.two_time
+        self.h_embedder = interval_embedder(self.t_embedder) if cfg.two_time else None
 
     def initialize_weights(self) -> None:
         # Zero output layer: v = 0 at initialisation (see the class docstring).
@@ -132,13 +140,20 @@ class MLP(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        y: torch.Tensor | None = None,
+        r: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
-        """``x (B, D)``, ``t (B,)`` / 0-dim / float in ``[0, 1]``, ``y (B,)`` int64 or None -> ``(B, D)``."""
+        """``x (B, D)``, ``t (B,)`` / 0-dim / float in ``[0, 1]``, ``y (B,)`` int64 or None -> ``(B, D)``.
+
+        ``r`` (two-time models only; shaped like ``t``): the end of the interval ``[t, r]`` of the
+        average velocity; None means ``r = t``, the instantaneous velocity.
+        """
         check_data_shape(x, self.data_shape)
         B = x.shape[0]
-        t = broadcast_time(t, B, x.device)  # (B,)
-        c = self.t_embedder(t)  # (B, E)
+        c = embed_times(x, t, r, self.t_embedder, self.h_embedder)  # (B, E)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, B)  # (B, E)
         elif y is not None:

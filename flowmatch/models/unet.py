@@ -6,7 +6,9 @@
     x ─conv_in─┬─[res(+attn)] x num_res_blocks ─down─ ... ─ middle: res, attn, res ─ ... ─up─┬─ out ─> v
                └──────────────── skip connections (concatenated on the way up) ─────────────┘
 
-Time convention: ``t = 0`` is noise, ``t = 1`` is data; ``t`` is a float in ``[0, 1]``.
+Time convention: ``t = 0`` is noise, ``t = 1`` is data; ``t`` is a float in ``[0, 1]``. A model built
+with ``two_time`` also embeds the interval ``r - t`` (MeanFlow's average velocity ``u(x, t, r)``) with a
+second time embedder of the same kind, added to ``t``'s embedding before it reaches the blocks.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from flowmatch.models.layers import (
     Attention,
     LabelEmbedder,
     TimestepEmbedder,
-    broadcast_time,
     check_data_shape,
+    embed_times,
+    interval_embedder,
 )
 
 __all__ = ["UNetConfig", "UNet"]
@@ -53,6 +56,9 @@ class UNetConfig:
     groups: int = 8
     #: Width of the time/class embedding; None means 4 * base_channels.
     time_embed_dim: int | None = None
+    #: Condition on a second time r as well (MeanFlow's average velocity u(x, t, r)): the interval
+    #: r - t gets its own time embedder, added to t's; attention runs without SDPA (forward-mode AD).
+    two_time: bool = False
 
     def __post_init__(self) -> None:
         # YAML gives lists; tuples keep the config hashable and comparable.
@@ -129,13 +135,15 @@ class AttentionBlock(nn.Module):
     Each position is a token whose features are its ``C`` channels, so every output position can
     read every input position (global context that 3x3 convolutions only reach after many layers).
 
+    ``forward_ad``: see :class:`~flowmatch.models.layers.Attention` (two-time models set it).
+
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``.
     """
 
-    def __init__(self, channels: int, num_heads: int, groups: int):
+    def __init__(self, channels: int, num_heads: int, groups: int, forward_ad: bool = False):
         super().__init__()
         self.norm = group_norm(channels, groups)
-        self.attn = Attention(channels, num_heads=num_heads)
+        self.attn = Attention(channels, num_heads=num_heads, forward_ad=forward_ad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -219,7 +227,7 @@ class UNet(nn.Module):
 
         def attn_or_identity(level: int, ch: int) -> nn.Module:
             if level in cfg.attn_levels:
-                return AttentionBlock(ch, cfg.num_heads, cfg.groups)
+                return AttentionBlock(ch, cfg.num_heads, cfg.groups, cfg.two_time)
             return nn.Identity()
 
         # --- conditioning: time (+ class) -> one embedding shared by all res blocks ---
@@ -246,7 +254,7 @@ class UNet(nn.Module):
 
         # --- middle: attention always, at the coarsest resolution where it is cheapest ---
         self.mid_res1 = res_block(ch, ch)
-        self.mid_attn = AttentionBlock(ch, cfg.num_heads, cfg.groups)
+        self.mid_attn = AttentionBlock(ch, cfg.num_heads, cfg.groups, cfg.two_time)
         self.mid_res2 = res_block(ch, ch)
 
         # --- decoder: one more block per level than the encoder, each eating one skip ---
@@ -265,6 +273,9 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(ch, in_ch, 3, padding=1)
         self.channels_last = False  # see use_channels_last
         self.initialize_weights()
+        # After the initialisation, from no random numbers: the other weights are a one-time model's.
+        self.two_time = cfg.two_time
+        self.h_embedder = interval_embedder(self.t_embedder) if cfg.two_time else None
 
     def use_channels_last(self) -> "UNet":
         """Keep weights and activations in channels-last (NHWC) memory format from now on: the
@@ -283,14 +294,21 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        y: torch.Tensor | None = None,
+        r: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         """``x (B, C, H, W)``, ``t (B,)`` / 0-dim / float in ``[0, 1]``, ``y (B,)`` int64 or None
-        -> velocity ``(B, C, H, W)``. Below, ``C_i, H_i, W_i`` are the width and size of level i."""
+        -> velocity ``(B, C, H, W)``. Below, ``C_i, H_i, W_i`` are the width and size of level i.
+
+        ``r`` (two-time models only; shaped like ``t``): the end of the interval ``[t, r]`` of the
+        average velocity; None means ``r = t``, the instantaneous velocity.
+        """
         check_data_shape(x, self.data_shape)
         B = x.shape[0]
-        t = broadcast_time(t, B, x.device)  # (B,)
-        emb = self.t_embedder(t)  # (B, E)
+        emb = embed_times(x, t, r, self.t_embedder, self.h_embedder)  # (B, E)
         if self.y_embedder is not None:
             emb = emb + self.y_embedder(y, B)  # (B, E)
         elif y is not None:
