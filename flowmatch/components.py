@@ -28,7 +28,7 @@ from flowmatch.flow.paths import SCHEDULERS
 from flowmatch.flow.sampling import resolve_settings
 from flowmatch.flow.time_samplers import TIME_SAMPLERS, build_time_sampler
 from flowmatch.models import MODEL_REGISTRY, build_model
-from flowmatch.registry import config_errors
+from flowmatch.registry import Registry, config_errors
 
 __all__ = [
     "REGISTRIES",
@@ -51,6 +51,23 @@ def _section(cfg: Config, dotted: str):
     for part in dotted.split("."):
         node = getattr(node, part)
     return node
+
+
+#: ``train.meanflow.time_sampler``: the time samplers of ``train.time_sampler``, its errors naming this section.
+MEANFLOW_TIME = "train.meanflow.time_sampler"
+
+
+def _resolve_meanflow(cfg: Config) -> None:
+    """The meanflow section's time sampler resolved and built once; ``train.objective: meanflow``
+    with a model that takes one time refused (its ``two_time`` is the model registry's field)."""
+    ts = cfg.train.meanflow.time_sampler
+    view = Registry(MEANFLOW_TIME, TIME_SAMPLERS.tag, dict(TIME_SAMPLERS))  # the current entries
+    ts.params = view.resolve(ts.name, ts.params)
+    with config_errors(MEANFLOW_TIME, [*ts.params, "shift"]):
+        build_time_sampler(ts.name, shift=ts.shift, **ts.params)
+    if cfg.train.objective == "meanflow" and not cfg.model.params.get("two_time", False):
+        raise ConfigError("model.two_time: train.objective meanflow needs a model of two times "
+                          "(set model.two_time: true)")
 
 
 def _check_pieces(cfg: Config) -> None:
@@ -81,6 +98,7 @@ def resolve_config(cfg: Config) -> Config:
     for registry in REGISTRIES:
         section = _section(cfg, registry.section)
         section.params = registry.resolve(getattr(section, registry.tag), section.params)
+    _resolve_meanflow(cfg)
     _check_pieces(cfg)
     return cfg
 

@@ -47,6 +47,8 @@ __all__ = [
     "SampleConfig",
     "TimeSamplerConfig",
     "LogConfig",
+    "MeanFlowConfig",
+    "MeanFlowTimeConfig",
     "TrainConfig",
     "apply_overrides",
     "check_value",
@@ -129,6 +131,46 @@ class CouplingConfig:
 
 
 @dataclass
+class MeanFlowTimeConfig(TimeSamplerConfig):
+    """The sampler of the two times of ``train.objective: meanflow`` (same keys as ``time_sampler``).
+
+    Default: the paper's ImageNet logit-normal, written in our time (t = 0 noise). The paper's time
+    runs the other way (its t = 1 is noise): its ``logit_normal(-0.4, 1.0)`` is ours with
+    ``mean: 0.4`` (``1 - sigmoid(m + s z) = sigmoid(-m + s z')``); its CIFAR-10 ``(-2.0, 2.0)`` is
+    ``mean: 2.0, std: 2.0``. A partial override (``...time_sampler.std=2.0``) keeps the other default.
+    """
+
+    name: str = "logit_normal"
+    params: dict = field(default_factory=lambda: {"mean": 0.4, "std": 1.0})
+
+
+@dataclass
+class MeanFlowConfig:
+    """Settings of ``train.objective: meanflow`` (Geng, Deng, Bai, Kolter, He 2025, "Mean Flows for
+    One-step Generative Modeling"; see :class:`flowmatch.training.objectives.MeanFlow`).
+
+    The network learns the average velocity ``u(z_t, t, r)`` over ``[t, r]`` from the identity
+    ``u = v + (r - t) du/dt`` (one forward-mode JVP for the stop-gradient target). Defaults are the
+    paper's ImageNet ablation defaults (its Table 1); its CIFAR-10 run used ``equal_fraction 0.75``,
+    ``adaptive_power 0.75`` and the sampler ``mean: 2.0, std: 2.0``. Needs ``model.two_time: true``.
+    """
+
+    # share of rows with r = t (plain flow matching on those rows); the paper: 75 % (25 % have r != t)
+    equal_fraction: float = 0.75
+    # the two times of a row: two draws, sorted so that t <= r (see MeanFlowTimeConfig)
+    time_sampler: MeanFlowTimeConfig = field(default_factory=MeanFlowTimeConfig)
+    # p of the adaptive loss weight w = 1 / (||u_theta - u_tgt||^2 + eps)^p (paper: 1.0; 0 = plain MSE)
+    adaptive_power: float = 1.0
+    # eps (the paper's c, 1e-3) of that weight; here ||.||^2 is the per-element mean, not the sum
+    adaptive_eps: float = 1.0e-3
+    # classifier-free guidance folded into the target (class-conditional models; needs
+    # train.label_dropout > 0): v~ = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null),
+    # effective guidance scale omega / (1 - kappa). omega = 1, kappa = 0: no guidance.
+    cfg_scale: float = 1.0  # omega
+    cfg_mix: float = 0.0  # kappa, in [0, 1)
+
+
+@dataclass
 class LogConfig:
     """Where training metrics go besides metrics.jsonl and loss.png (always written)."""
 
@@ -155,8 +197,10 @@ class TrainConfig:
     time_sampler: TimeSamplerConfig = field(default_factory=TimeSamplerConfig)
     coupling: CouplingConfig = field(default_factory=CouplingConfig)  # pairing of noise and data
     # flow: flow matching (on a pair store: the straight path between each stored noise and sample,
-    # i.e. reflow); segments: regress the secants of a pair store's trajectories (distillation)
+    # i.e. reflow); segments: regress the secants of a pair store's trajectories (distillation);
+    # meanflow: the average velocity u(z_t, t, r), for 1- and 2-step sampling (settings: meanflow)
     objective: str = "flow"
+    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)  # objective meanflow only
     init_from: str = ""  # checkpoint / run dir whose EMA weights start a fresh run ("" = random init)
     log_every: int = 50  # steps between metric lines in metrics.jsonl
     sample_every: int = 500  # steps between EMA sample grids; 0 disables
@@ -337,7 +381,10 @@ def _build(cls: type, raw: Any, key: str) -> Any:
             raise ConfigError(f"{sub}: unknown key (valid keys here: {valid})")
     obj = cls(**kwargs)
     if tag is not None:
-        obj.params = extra
+        # a section that keeps its default choice keeps that choice's default arguments too
+        default = cls()
+        base = default.params if getattr(obj, tag) == getattr(default, tag) else {}
+        obj.params = {**copy.deepcopy(base), **extra}
     return obj
 
 
@@ -362,8 +409,28 @@ def _validate_train(t: TrainConfig) -> None:
     _need(0.0 <= t.label_dropout < 1.0, "train.label_dropout", "must be in [0, 1)")
     _need(t.mixed_precision in ("auto", "no", "bf16", "fp16"), "train.mixed_precision",
           "must be auto, no, bf16 or fp16")
-    _need(t.objective in ("flow", "segments"), "train.objective",
-          f"unknown objective {t.objective!r} (valid: flow, segments)")
+    _need(t.objective in ("flow", "segments", "meanflow"), "train.objective",
+          f"unknown objective {t.objective!r} (valid: flow, segments, meanflow)")
+    m = t.meanflow
+    _need(0.0 <= m.equal_fraction <= 1.0, "train.meanflow.equal_fraction", "must be in [0, 1]")
+    _need(m.adaptive_power >= 0, "train.meanflow.adaptive_power", "must be >= 0 (0: plain MSE)")
+    _need(m.adaptive_eps > 0, "train.meanflow.adaptive_eps", "must be > 0")
+    _need(m.cfg_scale > 0, "train.meanflow.cfg_scale", "must be > 0 (1: no guidance)")
+    _need(0.0 <= m.cfg_mix < 1.0, "train.meanflow.cfg_mix", "must be in [0, 1)")
+
+
+def _validate_meanflow(cfg: Config) -> None:
+    """``train.objective: meanflow`` with the rest of the config (``model.two_time`` is the model
+    registry's: :func:`flowmatch.components.resolve_config` checks it)."""
+    t, m = cfg.train, cfg.train.meanflow
+    ts = t.time_sampler
+    _need(ts.name == "uniform" and ts.shift == 1.0 and not ts.params, "train.time_sampler",
+          "objective meanflow draws its times from train.meanflow.time_sampler; leave this one unset")
+    if m.cfg_scale != 1.0 or m.cfg_mix != 0.0:
+        key = "train.meanflow.cfg_scale" if m.cfg_scale != 1.0 else "train.meanflow.cfg_mix"
+        _need(cfg.model.class_cond, key, "guidance needs model.class_cond: true")
+        _need(t.label_dropout > 0, key, "guidance needs an unconditional model: set train.label_dropout > 0 "
+              "(the paper: 0.1)")
 
 
 def _validate(cfg: Config) -> None:
@@ -385,6 +452,8 @@ def _validate(cfg: Config) -> None:
         _need(cfg.data.kind == "pairs", "train.objective",
               "segments (distillation) trains on a pair store: data.kind must be pairs "
               "(made by `flowmatch distill`)")
+    if t.objective == "meanflow":
+        _validate_meanflow(cfg)
     if cfg.data.kind == "pairs":
         _need(t.coupling.name == "none", "train.coupling",
               "a pair store already fixes which noise goes with which sample; use coupling none")

@@ -39,6 +39,7 @@ __all__ = [
     "STREAM_STEP",
     "STREAM_GRID",
     "STREAM_SEGMENT",
+    "STREAM_MEANFLOW",
     "step_generator",
     "BatchStream",
     "StreamLoader",
@@ -55,6 +56,7 @@ __all__ = [
 
 # Distinct streams of randomness, so that e.g. the batch order never shares draws with the noise.
 STREAM_ORDER, STREAM_STEP, STREAM_GRID, STREAM_SEGMENT = 1, 2, 3, 4
+STREAM_MEANFLOW = 5  # the (t, r) pairs of objective meanflow
 
 
 def step_generator(seed: int, k: int, stream: int = STREAM_STEP) -> torch.Generator:

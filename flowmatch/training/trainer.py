@@ -78,6 +78,8 @@ from flowmatch.training.loop import (
 from flowmatch.training.lr import LRSchedule
 from flowmatch.training.objectives import (
     FlowMatching,
+    MeanFlow,
+    MeanFlowSettings,
     SegmentDistillation,
     velocity_mse,
 )
@@ -210,6 +212,13 @@ class Trainer:
         if self.pairs and tc.objective == "segments":
             self.objective = SegmentDistillation(self.dataset.times, cfg.seed, self.global_batch,
                                                  self.stream.rows)
+        elif tc.objective == "meanflow":
+            m = tc.meanflow
+            sampler = build_time_sampler(m.time_sampler.name, shift=m.time_sampler.shift,
+                                         **m.time_sampler.params)
+            settings = MeanFlowSettings(sampler, m.equal_fraction, m.adaptive_power, m.adaptive_eps,
+                                        m.cfg_scale, m.cfg_mix)
+            self.objective = MeanFlow(self.path, settings, cfg.seed, self.global_batch, self.stream.rows)
         else:
             self.objective = FlowMatching(self.path)
         self.checkpoints = Checkpoints(self.ckpt_dir, require=RESUME_KEYS)
@@ -379,14 +388,24 @@ class Trainer:
         return CoupledSource(read, self.draws, self.coupling, self.stream.rows, self.cfg.model.class_cond)
 
     def _loss(self, batch) -> torch.Tensor:
-        """``mean || model(x_t, t, y) - target ||^2`` on this process's rows of one micro-step."""
-        x_t, t, target = self.objective(batch)
+        """``mean || model(x_t, t, y) - target ||^2`` on this process's rows of one micro-step
+        (MeanFlow: ``model(x_t, t, y, r=r)``, adaptively weighted; its target passes, JVP included,
+        run on the plain module: DDP synchronises the gradient pass only)."""
+        meanflow = isinstance(self.objective, MeanFlow)
+        if not meanflow:
+            x_t, t, target = self.objective(batch)
         self.draws.seed_default_generators(batch.k, self.dist.rank)  # dropout masks
         y = None
         if self.cfg.model.class_cond:
             y = batch.y.to(self.device).long()
             if self.cfg.train.label_dropout > 0:  # classifier-free guidance: some rows unconditional
                 y = torch.where(batch.drop.to(self.device), torch.full_like(y, self.model.null_class), y)
+        if meanflow:  # the target's passes draw no random numbers (eval mode): same masks as flow
+            rows = self.objective(batch, self.model, y, getattr(self.model, "null_class", None),
+                                  amp=lambda: autocast(self.amp_dtype, self.device))
+            with autocast(self.amp_dtype, self.device):
+                u = self.ddp_model(rows.x_t, rows.t, y, r=rows.r)  # (B, *data_shape)
+            return self.objective.loss(u, rows.target)
         with autocast(self.amp_dtype, self.device):
             v = self.ddp_model(x_t, t, y)  # (B, *data_shape)
         return velocity_mse(v, target)
