@@ -4,6 +4,7 @@ solver on the instantaneous velocity u(z, t, t), the refusal of one-time models,
 that samples, batches and scores such a model."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,7 +180,9 @@ def test_meanflow_refuses_one_time_models_with_one_line():
             generate(model, _x0(), SampleSettings("meanflow", steps=2))
     check_two_time(OneTime(), "euler")  # any other method: fine
     # a plain callable u(x, t, r) that says it is two-time is taken as the average velocity
-    u = lambda x, t, r: (exact_flow_map(x, t, r) - x) / (r - t)[:, None]  # noqa: E731
+    def u(x, t, r):
+        return (exact_flow_map(x, t, r) - x) / (r - t)[:, None]
+
     u.two_time = True
     torch.testing.assert_close(generate(u, _x0(), method="meanflow", steps=1).x, MU + STD * _x0())
     assert as_average_velocity(u) is u
@@ -298,3 +301,117 @@ def test_run_of_a_one_time_model_refuses_meanflow_before_sampling():
     with pytest.raises(ValueError, match="method meanflow needs a model trained with two_time"):
         run.settings(SolverChoice(method="meanflow", steps=1))
     assert run.sample([0, 1], run.settings(), seed=0).nfe == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs trained with train.objective: meanflow (2 steps), through the CLI and the library
+# ------------------------------------------------------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+MEANFLOW = ["model.two_time=true", "train.objective=meanflow", "sample.method=meanflow",
+            "sample.steps=2", "train.steps=2", "train.sample_every=1", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """A 2-D MeanFlow run whose training grids were drawn with meanflow (sample_every=1)."""
+    from flowmatch.cli import main
+
+    out = tmp_path_factory.mktemp("mf_toy") / "run"
+    assert main(["train", str(CONFIGS / "toy2d.yaml"), f"out_dir={out}", "train.batch_size=16",
+                 "sample.n=8", *MEANFLOW, "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A tiny class-conditional digits U-Net MeanFlow run (images: sample folders)."""
+    from flowmatch.cli import main
+
+    tmp = tmp_path_factory.mktemp("mf_digits")
+    config = tmp / "digits_meanflow.yaml"
+    config.write_text(DIGITS_YAML)
+    assert main(["train", str(config), f"out_dir={tmp / 'run'}", *MEANFLOW, "--no-progress"]) == 0
+    return tmp / "run"
+
+
+DIGITS_YAML = """
+name: digits_meanflow
+data: {kind: digits, image_size: 8, split: train}
+model: {arch: unet, class_cond: true, base_channels: 8, channel_mults: [1, 2], num_res_blocks: 1,
+        attn_levels: [1], num_heads: 2}
+train: {batch_size: 8, label_dropout: 0.1, meanflow: {cfg_scale: 2.0, cfg_mix: 0.5}}
+sample: {n: 4}
+"""
+
+
+def test_trained_run_is_two_time_samples_with_its_method_and_drew_its_grids(toy_run):
+    from flowmatch.run import Run
+
+    run = Run.load(toy_run)
+    assert run.model.two_time and run.config.train.objective == "meanflow"
+    s = run.settings()
+    assert (s.method, s.steps) == ("meanflow", 2)
+    assert (toy_run / "samples.png").is_file() and any((toy_run / "samples").iterdir())
+    # Run.sample is the documented jumps from the seeded noise, by hand
+    from flowmatch.flow.sampling import seeded_noise
+
+    got = run.sample([0, 1, 2], s, seed=5)
+    z = seeded_noise([0, 1, 2], (2,), seed=5)
+    with torch.no_grad():
+        for t, r in ((0.0, 0.5), (0.5, 1.0)):
+            tt, rr = torch.full((3,), t), torch.full((3,), r)
+            z = z + (r - t) * run.model(z, tt, None, r=rr)
+    torch.testing.assert_close(got.x, z, rtol=1e-6, atol=1e-6)
+    assert got.nfe == 2
+
+
+@pytest.mark.parametrize("args, nfe", [(["--method", "meanflow", "--steps", "3"], 3),
+                                       (["--nfe", "1"], 1), ([], 2),
+                                       (["--method", "rk4", "--steps", "2"], 8)])
+def test_cli_sample_on_a_meanflow_run(toy_run, tmp_path, capsys, args, nfe):
+    import numpy as np
+
+    from flowmatch.cli import main
+
+    out = tmp_path / "x.npy"
+    assert main(["sample", str(toy_run), "-n", "6", *args, "--out", str(out)]) == 0
+    assert f"NFE {nfe} per sample" in capsys.readouterr().out
+    x = np.load(out)
+    assert x.shape == (6, 2) and np.isfinite(x).all()
+
+
+def test_eval_nll_integrates_the_instantaneous_velocity(toy_run):
+    from flowmatch.evaluation.nll import evaluate_nll
+
+    res = evaluate_nll(toy_run, n=8, batch_size=8, method="rk4", steps=3, progress=False)
+    assert res["nfe"] == 12 and math.isfinite(res["nll_nats"])
+    with pytest.raises(ValueError, match="unknown solver 'meanflow'"):  # not an ODE method
+        evaluate_nll(toy_run, n=8, method="meanflow", steps=3, progress=False)
+
+
+def test_sample_folder_of_a_meanflow_run(digits_run, tmp_path):
+    import json
+
+    from flowmatch.evaluation import sample_to_folder
+
+    res = sample_to_folder(digits_run, tmp_path / "one", n=5, batch_size=2, progress=False)
+    assert res["nfe"] == 2 and sorted(p.name for p in (tmp_path / "one").glob("*.png")) == \
+        [f"{i:06d}.png" for i in range(5)]
+    manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    assert manifest["method"] == "meanflow" and manifest["steps"] == 2
+    # batch size does not change the files; one-jump generation is one NFE
+    sample_to_folder(digits_run, tmp_path / "two", n=5, batch_size=5, progress=False)
+    assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes()
+               for f in (f"{i:06d}.png" for i in range(5)))
+    assert sample_to_folder(digits_run, tmp_path / "three", n=3, nfe=1, progress=False)["nfe"] == 1
+
+
+def test_cli_guided_meanflow_jumps_on_a_class_conditional_run(digits_run, tmp_path, capsys):
+    from flowmatch.cli import main
+
+    out = tmp_path / "g.png"
+    assert main(["sample", str(digits_run), "-n", "4", "--cfg-scale", "2", "--out", str(out)]) == 0
+    assert "(meanflow, 2 steps, NFE 2 per sample, 4 network passes with guidance w=2.0)" in \
+        capsys.readouterr().out
+    assert out.is_file()
