@@ -92,8 +92,14 @@ class DiTConfig:
     #: r - t gets its own time embedder (h_embedder), added to t's before the adaLN modulations;
     #: attention runs without SDPA, so torch.func.jvp can differentiate the model.
     two_time: bool = False
+    #: Multiplier of t (and of r - t) inside the sinusoidal time features. 1000 (the default, as the
+    #: DiT reference) resolves small time differences finely; MeanFlow training differentiates the
+    #: network in t, and such fast features make d/dt u large: two-time runs train stably with 1.
+    time_scale: float = 1000.0
 
     def __post_init__(self) -> None:
+        if not self.time_scale > 0:
+            raise ValueError(f"time_scale must be > 0, got {self.time_scale}")
         for name in ("patch_size", "hidden_size", "depth", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DiTConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -278,7 +284,7 @@ class DiT(nn.Module):
 
         # --- tokens and conditioning ---
         self.x_embedder = PatchEmbed(C, D, p)
-        self.t_embedder = TimestepEmbedder(D)
+        self.t_embedder = TimestepEmbedder(D, scale=cfg.time_scale)
         self.y_embedder = LabelEmbedder(num_classes, D) if num_classes > 0 else None
         self.null_class = self.y_embedder.null_class if self.y_embedder is not None else None
 

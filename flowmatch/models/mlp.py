@@ -50,8 +50,14 @@ class MLPConfig:
     #: Condition on a second time r as well (MeanFlow's average velocity u(x, t, r)): the interval
     #: r - t gets its own time embedder, added to t's (see flowmatch.models.layers.embed_times).
     two_time: bool = False
+    #: Multiplier of t (and of r - t) inside the sinusoidal time features. 1000 (the default, as the
+    #: DiT reference) resolves small time differences finely; MeanFlow training differentiates the
+    #: network in t, and such fast features make d/dt u large: two-time runs train stably with 1.
+    time_scale: float = 1000.0
 
     def __post_init__(self) -> None:
+        if not self.time_scale > 0:
+            raise ValueError(f"time_scale must be > 0, got {self.time_scale}")
         if self.activation not in _ACTIVATIONS:
             raise ValueError(
                 f"MLPConfig.activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}"
@@ -118,7 +124,8 @@ class MLP(nn.Module):
         self.num_classes = num_classes
         dim = data_shape[0]
 
-        self.t_embedder = TimestepEmbedder(cfg.time_embed_dim, frequency_dim=cfg.time_embed_dim)
+        self.t_embedder = TimestepEmbedder(cfg.time_embed_dim, frequency_dim=cfg.time_embed_dim,
+                                           scale=cfg.time_scale)
         self.y_embedder = LabelEmbedder(num_classes, cfg.time_embed_dim) if num_classes > 0 else None
         self.null_class = self.y_embedder.null_class if self.y_embedder is not None else None
 

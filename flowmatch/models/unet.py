@@ -59,8 +59,14 @@ class UNetConfig:
     #: Condition on a second time r as well (MeanFlow's average velocity u(x, t, r)): the interval
     #: r - t gets its own time embedder, added to t's; attention runs without SDPA (forward-mode AD).
     two_time: bool = False
+    #: Multiplier of t (and of r - t) inside the sinusoidal time features. 1000 (the default, as the
+    #: DiT reference) resolves small time differences finely; MeanFlow training differentiates the
+    #: network in t, and such fast features make d/dt u large: two-time runs train stably with 1.
+    time_scale: float = 1000.0
 
     def __post_init__(self) -> None:
+        if not self.time_scale > 0:
+            raise ValueError(f"time_scale must be > 0, got {self.time_scale}")
         # YAML gives lists; tuples keep the config hashable and comparable.
         self.channel_mults = tuple(self.channel_mults)
         self.attn_levels = tuple(self.attn_levels)
@@ -231,7 +237,7 @@ class UNet(nn.Module):
             return nn.Identity()
 
         # --- conditioning: time (+ class) -> one embedding shared by all res blocks ---
-        self.t_embedder = TimestepEmbedder(emb_dim, frequency_dim=cfg.base_channels)
+        self.t_embedder = TimestepEmbedder(emb_dim, frequency_dim=cfg.base_channels, scale=cfg.time_scale)
         self.y_embedder = LabelEmbedder(num_classes, emb_dim) if num_classes > 0 else None
         self.null_class = self.y_embedder.null_class if self.y_embedder is not None else None
 

@@ -315,9 +315,9 @@ def test_config_needs_a_two_time_model_and_labels_for_guidance():
 
 
 def _toy(tmp_path, *overrides):
-    # lr 2e-4, not the file's 2e-3: the target moves with d/dt u, and the networks embed 1000 t
-    # (features up to 1000 rad per unit time); at 2e-3 one jump moved away from the data
-    return load_config(ROOT / "configs" / "toy2d.yaml", ["train.lr=2e-4",
+    # model.time_scale=1: the target moves with d/dt u, and the default time features (1000 t, up
+    # to 1000 rad per unit time) make it grow until one jump moved away from the data at lr 2e-3
+    return load_config(ROOT / "configs" / "toy2d.yaml", ["model.time_scale=1.0",
         f"out_dir={tmp_path}", "device=cpu", "data.n=4000", "model.hidden=64", "model.depth=2",
         "model.two_time=true", "train.objective=meanflow", "train.batch_size=128", "train.steps=800",
         "train.warmup_steps=20", "train.log_every=100", "train.sample_every=0", "train.save_every=0",
