@@ -65,9 +65,13 @@ def _resolve_meanflow(cfg: Config) -> None:
     ts.params = view.resolve(ts.name, ts.params)
     with config_errors(MEANFLOW_TIME, [*ts.params, "shift"]):
         build_time_sampler(ts.name, shift=ts.shift, **ts.params)
-    if cfg.train.objective == "meanflow" and not cfg.model.params.get("two_time", False):
+    two_time = cfg.model.params.get("two_time", False)
+    if cfg.train.objective == "meanflow" and not two_time:
         raise ConfigError("model.two_time: train.objective meanflow needs a model of two times "
                           "(set model.two_time: true)")
+    if cfg.sample.method == "meanflow" and not two_time:  # would fail only at the first grid
+        raise ConfigError("sample.method: meanflow jumps need a model of two times trained with "
+                          "train.objective: meanflow (model.two_time: true)")
 
 
 def _check_pieces(cfg: Config) -> None:

@@ -291,3 +291,12 @@ def test_a_float_or_none_keeps_none_and_refuses_nan():
         check_value("k", float("nan"), float | None)
     with pytest.raises(ConfigError, match=r"^k: expected float \| None, got 'x'$"):
         check_value("k", "x", float | None)
+
+
+def test_meanflow_jumps_on_a_one_time_model_are_refused_at_config_time():
+    from flowmatch.components import load_experiment
+
+    with pytest.raises(ConfigError, match="^sample.method: meanflow jumps need a model of two times"):
+        load_experiment(TOY, ["sample.method=meanflow"])
+    cfg = load_experiment(str(ROOT / "configs" / "toy2d_meanflow.yaml"))  # the shipped recipe
+    assert cfg.sample.method == "meanflow" and cfg.model.params["two_time"]
