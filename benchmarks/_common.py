@@ -360,7 +360,8 @@ def evaluate(variant: Variant, trained: Trained, x0: torch.Tensor, nfes: Iterabl
     """
     plan = []
     for method in variant.solvers:
-        if split_solver(method)[0] not in solvers.SOLVER_NAMES:
+        # ODE solvers, and the average-velocity jumps of a two-time model (meanflow: 1 NFE a jump)
+        if split_solver(method)[0] not in (*solvers.SOLVER_NAMES, *getattr(solvers, "AVERAGE_SOLVERS", ())):
             log(f"  {variant.name}: solver {method!r} is not in flowmatch.flow.solvers.SOLVER_NAMES; skipped")
             continue
         per = nfe_per_step(method)

@@ -1,7 +1,8 @@
 """2-D quality per NFE: flowmatch against torchcfm and Meta's flow_matching, same network, same data.
 
     python benchmarks/toy2d_protocol.py [--targets checkerboard,8gaussians,moons,spirals]
-        [--variants flowmatch,flowmatch-ot,torchcfm-cfm,torchcfm-otcfm,fm-condot] [--steps 4000]
+        [--variants flowmatch,flowmatch-ot,flowmatch-ot-distill,flowmatch-meanflow,torchcfm-cfm,
+                    torchcfm-otcfm,fm-condot] [--steps 4000]
         [--n 2000] [--nfe 1,2,4,8,16,32,100] [--threads 1] [--jobs 2] [--json PATH] [--quick]
 
 Protocol (the defaults are the protocol; ``benchmarks/README.md`` has the command and the results).
@@ -17,10 +18,14 @@ Time convention everywhere: t = 0 is the noise x0 ~ N(0, I), t = 1 the data.
    checkpoint at the end) and are reloaded with ``model_from_checkpoint``. Peers are trained by a
    plain loop around their own loss helpers. EMA is off for all: the raw weights are evaluated (our
    Trainer still updates its EMA copy each step; that update is inside our training time, its
-   weights are not used).
+   weights are not used). ``flowmatch-meanflow`` (issue 12) is our Trainer with
+   ``train.objective=meanflow`` on the two-time MLP (``model.time_scale=1``): its (t, r) pairs come
+   from the objective's own sampler (``train.meanflow.time_sampler``, 75 % of rows with r = t),
+   drawn by the Trainer from the same seeded generator; data, init and optimizer as above.
 2. Evaluation, per trained model: the same 2000 noise points (``seeded_noise``, seed 1000) are
    integrated from t = 0 to 1 with euler (NFE steps), midpoint (NFE/2 steps, even NFE), and for
    ours also ``ab2`` and ``dpm2m`` (1 NFE per step; dpm2m only once ``flowmatch.flow.solvers`` has it),
+   the MeanFlow model with ``meanflow`` (K average-velocity jumps on the uniform grid, NFE = K) instead,
    for NFE in {1, 2, 4, 8, 16, 32, 100}, plus dopri5 at atol = rtol = 1e-5 (its counted NFE is
    reported). Each method samples with its own library: ours with ``flowmatch.flow.sampling.generate``,
    flow_matching with its ``ODESolver``, torchcfm (no solver of its own without torchdyn) with
@@ -308,6 +313,9 @@ def _peer(make_pairs: Callable) -> Callable:
 
 
 OUR_SOLVERS = ("euler", "midpoint", "ab2", "dpm2m")
+#: MeanFlow from scratch (issue 12): the objective's own defaults (train.meanflow.*); the two-time MLP
+#: with slow time features, as in configs/toy2d_meanflow.yaml. Everything else is the protocol's.
+MEANFLOW_OVERRIDES = ["model.two_time=true", "model.time_scale=1.0", "train.objective=meanflow"]
 
 #: The variants by name, in table order: ours, the distilled students, the peers'.
 VARIANTS: dict[str, Variant] = common.protocol_variants(
@@ -315,7 +323,12 @@ VARIANTS: dict[str, Variant] = common.protocol_variants(
     "flowmatch Trainer, exact minibatch OT: the batch's optimal permutation (train.coupling.name=exact)",
     Variant("flowmatch-ot-distill", train_distilled, sample_distilled, ("euler",),
             "flowmatch-ot distilled into K-step Euler students (flowmatch distill --nfe K, one per "
-            "K in 1, 2, 4); training time = teacher + pairs + students", nfes=DISTILL_NFES))
+            "K in 1, 2, 4); training time = teacher + pairs + students", nfes=DISTILL_NFES),
+    Variant("flowmatch-meanflow", _ours(MEANFLOW_OVERRIDES), common.sample_ours, ("meanflow",),
+            "flowmatch Trainer, train.objective=meanflow (average velocity u(z, t, r), its default "
+            "times, r = t rows and adaptive weight), two-time MLP with time_scale 1; sampled with K "
+            "meanflow jumps on the uniform grid (NFE = K) and, for reference, its instantaneous "
+            "velocity u(z, t, t) with dopri5"))
 
 
 #################################################################################

@@ -184,7 +184,8 @@ def test_toy2d_protocol_quick_run(tmp_path, capsys):
     assert {"cpu_model", "threads", "torch", "packages"} <= set(saved["machine"])
     methods = saved["targets"]["checkerboard"]["methods"]
     assert list(methods) == list(bench.VARIANTS)
-    for name in ("flowmatch", "flowmatch-ot", "flowmatch-ot-distill", *_installed_peers(methods)):
+    for name in ("flowmatch", "flowmatch-ot", "flowmatch-ot-distill", "flowmatch-meanflow",
+                 *_installed_peers(methods)):
         method = methods[name]
         assert method["status"] == "ok", method.get("reason")
         assert method["train"]["s_per_1k_steps"] > 0
@@ -203,6 +204,13 @@ def test_toy2d_protocol_quick_run(tmp_path, capsys):
         assert euler_w2(peer) == pytest.approx(euler_w2("flowmatch"), rel=1e-5)
     # the distilled students exist only at their own NFE (1 and 4 here), Euler only
     assert {(c["solver"], c["nfe"]) for c in methods["flowmatch-ot-distill"]["cells"]} == {("euler", 1), ("euler", 4)}
+    # MeanFlow: K average-velocity jumps at each budget (NFE = K), and its instantaneous velocity with
+    # dopri5; a two-time model whose one jump is not the flow model's Euler step.
+    assert {(c["solver"], c["nfe_budget"]) for c in methods["flowmatch-meanflow"]["cells"]} == {
+        ("meanflow", 1), ("meanflow", 4), (bench.ADAPTIVE, None)}
+    meanflow_w2 = [c["w2"] for c in methods["flowmatch-meanflow"]["cells"] if c["solver"] == "meanflow"]
+    assert meanflow_w2[0] != pytest.approx(euler_w2("flowmatch")[0], rel=1e-3)
+    assert saved["variants"]["flowmatch-meanflow"].startswith("flowmatch Trainer, train.objective=meanflow")
     floor = saved["targets"]["checkerboard"]["floor"]
     assert floor["w2"] > 0 and floor["seeds"] == 3
     assert {r["method"] for r in saved["summary"]} >= {"flowmatch", "floor (two true sets)"}
