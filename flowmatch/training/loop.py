@@ -40,7 +40,6 @@ __all__ = [
     "TensorBoardLog",
     "StopOnInterrupt",
     "progress_bar",
-    "any_process",
     "stop_status",
     "record_launch",
     "amp_dtype",
@@ -330,14 +329,6 @@ def stop_status(interrupt: StopOnInterrupt, device: torch.device) -> str | None:
     if votes[0] > 0:
         return "terminated"
     return "interrupted" if votes[1] > 0 else None
-
-
-def any_process(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` is set in any process (a collective: every process must call it)."""
-    value = torch.tensor(float(flag))
-    if distributed.info().distributed:
-        value = distributed.all_reduce_sum(value.to(device)).cpu()
-    return value.item() > 0
 
 
 def record_launch(path: Path, record: dict) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flowmatch.training import EMA, Learner, LRSchedule, NonFiniteLossError, UpdateRule
-from flowmatch.training.loop import Checkpoints, MetricsLog, StopOnInterrupt, any_process
+from flowmatch.training.loop import Checkpoints, MetricsLog, StopOnInterrupt, stop_status
 
 
 def _learner(rule, model_key="model"):
@@ -96,12 +96,14 @@ def test_metrics_log_resume_keeps_lines_up_to_the_step(tmp_path):
     assert (tmp_path / "loss.png").is_file()
 
 
-def test_stop_on_interrupt_asks_once_then_aborts():
-    before = signal.getsignal(signal.SIGINT)
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")])
+def test_stop_on_interrupt_asks_once_then_aborts(sig, status):
+    before = signal.getsignal(sig)
+    cpu = torch.device("cpu")
     with StopOnInterrupt() as stop:
-        assert not stop.requested and not any_process(stop.requested, torch.device("cpu"))
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.requested and any_process(stop.requested, torch.device("cpu"))
+        assert not stop.requested and stop_status(stop, cpu) is None
+        os.kill(os.getpid(), sig)
+        assert stop.requested and stop.signal == sig and stop_status(stop, cpu) == status
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before
+            os.kill(os.getpid(), sig)
+    assert signal.getsignal(sig) is before
