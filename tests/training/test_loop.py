@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from flowmatch.training import EMA, Learner, LRSchedule, NonFiniteLossError, UpdateRule
-from flowmatch.training.loop import Checkpoints, MetricsLog, StopOnInterrupt, stop_status
+from flowmatch.training.loop import (
+    Checkpoints,
+    MetricsLog,
+    StopOnInterrupt,
+    stop_status,
+)
 
 
 def _learner(rule, model_key="model"):
