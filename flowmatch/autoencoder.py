@@ -302,8 +302,13 @@ class Autoencoder:
         return int(self.vae.config.latent_channels)
 
     @property
+    def image_channels(self) -> int:
+        """Channels of the images the VAE reads (``in_channels``: 3 for RGB VAEs, 1 for grey ones)."""
+        return int(getattr(self.vae.config, "in_channels", 3))
+
+    @property
     def downsample_factor(self) -> int:
-        """``f``: a ``(3, H, W)`` image has ``(C, H / f, W / f)`` latents."""
+        """``f``: a ``(c, H, W)`` image has ``(C, H / f, W / f)`` latents."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
@@ -330,13 +335,15 @@ class Autoencoder:
 
     @torch.no_grad()
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior ``q(z_raw | x) = N(m, s^2)`` of images ``(B, 3, H, W)`` in ``[-1, 1]``.
+        """Posterior ``q(z_raw | x) = N(m, s^2)`` of images ``(B, c, H, W)`` in ``[-1, 1]``
+        (``c`` = :attr:`image_channels`).
 
         Returns ``(m, s)``, each ``(B, C, H / f, W / f)`` float32 on the VAE's device, in *raw*
         (un-normalised) units: what a latent store keeps.
         """
-        if images.ndim != 4:
-            raise ValueError(f"expected images (B, 3, H, W), got shape {tuple(images.shape)}")
+        if images.ndim != 4 or images.shape[1] != self.image_channels:
+            raise ValueError(f"expected images (B, {self.image_channels}, H, W) for this VAE, got "
+                             f"shape {tuple(images.shape)}")
         posterior = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
         return posterior.mean.float(), posterior.std.float()
 
@@ -344,7 +351,7 @@ class Autoencoder:
     def encode(
         self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Images ``(B, 3, H, W)`` in ``[-1, 1]`` -> normalised latents ``z`` ``(B, C, h, w)``.
+        """Images ``(B, c, H, W)`` in ``[-1, 1]`` -> normalised latents ``z`` ``(B, C, h, w)``.
 
         ``sample=False`` takes the posterior mean ``m``; ``sample=True`` draws
         ``z_raw = m + s * eps``, ``eps ~ N(0, I)`` from ``generator`` (on the generator's device).
@@ -359,7 +366,7 @@ class Autoencoder:
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """Normalised latents ``(B, C, h, w)`` -> images ``(B, 3, h f, w f)`` in ``[-1, 1]``.
+        """Normalised latents ``(B, C, h, w)`` -> images ``(B, c, h f, w f)`` in ``[-1, 1]``.
 
         ``z`` is un-normalised first (``z_raw = normalization.denormalize(z)``); the output is
         clamped to ``[-1, 1]`` and float32. ``batch_size`` decodes that many latents at a time,

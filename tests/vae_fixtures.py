@@ -75,6 +75,7 @@ class PoolingAutoencoder:
     """
 
     source = "pooling-stand-in"
+    image_channels = 3
 
     def __init__(self):
         import torch

@@ -305,7 +305,7 @@ def encode_to_store(
     if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise RuntimeError("encode_to_store with world_size > 1 needs an initialised process group "
                            "(call flowmatch.distributed.init() under torchrun)")
-    dataset = ImageFolder(image_root, settings.image_size, channels=3,
+    dataset = ImageFolder(image_root, settings.image_size, channels=autoencoder.image_channels,
                           center_crop=settings.center_crop)
     job = _EncodeJob(autoencoder, dataset, Path(out_dir), settings, rank, world_size)
     with lock_run_dir(job.out, "encode-latents"):  # one writer at a time
