@@ -103,6 +103,45 @@ def test_finetune_vae_then_recon(assets, tmp_path, capsys):
     assert "stepz" in capsys.readouterr().err
 
 
+def _grey_vae(folder: Path) -> Path:
+    """A random tiny 1-channel AutoencoderKL (16x16 grey images -> 4 x 8 x 8), saved."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                  layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                  sample_size=16).save_pretrained(folder)
+    return folder
+
+
+def test_digits_to_store_to_class_conditional_dit_to_grey_pngs(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from flowmatch.data import LatentStore
+    from flowmatch.data.digits import Digits
+
+    vae, store, run = _grey_vae(tmp_path / "vae"), tmp_path / "store", tmp_path / "run"
+    assert main(["encode-latents", "--vae", str(vae), "--dataset", "digits", "--split", "test",
+                 "--image-size", "16", "--out", str(store), "--batch-size", "128", "--device",
+                 "cpu", "--no-progress"]) == 0
+    assert "wrote 359 latents of shape (4, 8, 8)" in capsys.readouterr().out
+    latents = LatentStore(store)
+    assert latents.meta["source"] == "digits:test" and latents.num_classes == 10
+    assert [latents[i][1] for i in range(len(latents))] == Digits(16, "test").labels.tolist()
+    cfg = tmp_path / "dit.yaml"
+    cfg.write_text(DIT.format(store=store, run=run, shape="[4, 8, 8]", post="false")
+                   .replace("pos_embed: rope}", "pos_embed: rope, class_cond: true}")
+                   .replace("lr: 1e-3,", "lr: 1e-3, label_dropout: 0.1,"))
+    assert main(["train", str(cfg), "--no-progress"]) == 0
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["latent"]["vae"] == str(vae)
+    assert main(["sample", str(run), "--n", "2", "--steps", "2", "--cfg-scale", "2",
+                 "--out", str(tmp_path / "pngs")]) == 0
+    files = sorted((tmp_path / "pngs").glob("*.png"))
+    assert len(files) == 2 and Image.open(files[0]).size == (16, 16)
+    assert Image.open(files[0]).mode == "L"
+
+
 def test_unreachable_hub_id_and_missing_extra_are_one_line_errors(tmp_path, monkeypatch, capsys):
     import diffusers
 

@@ -88,11 +88,12 @@ def add_no_ema(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw training weights")
 
 
-def add_vae_input(p: argparse.ArgumentParser, vae_help: str) -> None:
-    """The VAE to load and the image folder to run it on (encode-latents, recon)."""
+def add_vae_input(p: argparse.ArgumentParser, vae_help: str, images_group=None) -> None:
+    """The VAE to load and the image folder to run it on (encode-latents, recon); ``--images``
+    joins ``images_group`` (a required mutually exclusive group) when given, else is required."""
     p.add_argument("--vae", required=True, help=vae_help)
     p.add_argument("--vae-subfolder", default=None, help="sub-folder of --vae holding the VAE")
-    p.add_argument("--images", required=True, help="image folder")
+    (images_group or p).add_argument("--images", required=images_group is None, help="image folder")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``flowmatch encode-latents``: encode an image folder once with a frozen VAE into a latent store."""
+"""``flowmatch encode-latents``: encode an image folder (or the built-in digits) once with a frozen
+VAE into a latent store."""
 
 from __future__ import annotations
 
@@ -16,19 +17,32 @@ from flowmatch.cli.common import (
 __all__ = ["add_parser", "run"]
 
 _DESCRIPTION = (
-    "Encode every image of a folder (flat, or one sub-folder per class) with an AutoencoderKL into "
+    "Encode every image of a folder (flat, or one sub-folder per class) or of a built-in data set "
+    "(--dataset digits: the scikit-learn digits with their classes 0..9) with an AutoencoderKL into "
     "a memory-mapped latent store that `data: {kind: latents, path: STORE}` trains on. Re-running "
     "resumes a half-written store. Works under torchrun (ranks split the images).")
+_DATASETS = ("digits",)
+_SPLITS = ("train", "test", "all")
+_IMAGE_SIZE, _DIGITS_SIZE = 256, 16  # --image-size defaults: folders, digits
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = add_command(subparsers, "encode-latents",
-                    help="encode an image folder once with a frozen VAE into a latent store",
+                    help="encode an image folder or the digits once with a frozen VAE into a "
+                         "latent store",
                     description=_DESCRIPTION)
+    images = p.add_mutually_exclusive_group(required=True)
     add_vae_input(p, "VAE: a Hugging Face Hub id (e.g. stabilityai/sd-vae-ft-ema) or a local "
-                     "folder written by save_pretrained")
+                     "folder written by save_pretrained", images_group=images)
+    images.add_argument("--dataset", choices=_DATASETS,
+                        help="a built-in data set instead of --images: digits (1 channel, grey "
+                             "images repeated for an RGB VAE; labels and classes 0..9)")
+    p.add_argument("--split", choices=_SPLITS, default=None,
+                   help="split of --dataset (default: train)")
     p.add_argument("--out", required=True, help="store folder to write")
-    p.add_argument("--image-size", type=int, default=256, help=RESIZE_HELP)
+    p.add_argument("--image-size", type=int, default=None,
+                   help=RESIZE_HELP + f" (default: {_IMAGE_SIZE}; with --dataset digits the size "
+                   f"the 8x8 digits are resized to, default {_DIGITS_SIZE})")
     p.add_argument("--flip", action="store_true", help="also store a horizontally flipped copy of every image")
     p.add_argument("--batch-size", type=int, default=16, help="images per VAE batch")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage precision")
@@ -43,15 +57,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _images(args: argparse.Namespace) -> tuple[object, int]:
+    """What to encode and its image size: the --images folder, or the --dataset built with its
+    --split and size."""
+    if args.dataset is None:
+        if args.split is not None:
+            raise ValueError("--split applies only to --dataset (an image folder has no splits)")
+        return args.images, args.image_size or _IMAGE_SIZE
+    from flowmatch.data.digits import Digits
+
+    size = args.image_size or _DIGITS_SIZE
+    return Digits(image_size=size, split=args.split or "train"), size
+
+
 def run(args: argparse.Namespace) -> int:
     from flowmatch import distributed
     from flowmatch.autoencoder import Autoencoder
     from flowmatch.data.latents import encode_to_store
 
+    images, image_size = _images(args)
     info, device = distributed.init(args.device)
     try:
         autoencoder = Autoencoder.load(args.vae, subfolder=args.vae_subfolder, device=device)
-        path = encode_to_store(autoencoder, args.images, args.out, image_size=args.image_size,
+        path = encode_to_store(autoencoder, images, args.out, image_size=image_size,
                                batch_size=args.batch_size, flip=args.flip, dtype=args.dtype,
                                store_posterior=args.store_posterior, overwrite=args.overwrite,
                                progress=not args.no_progress and info.is_main, rank=info.rank,

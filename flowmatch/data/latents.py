@@ -1,9 +1,10 @@
-"""The latent store: an image folder encoded once by a frozen VAE, read back as fast as memory.
+"""The latent store: images encoded once by a frozen VAE, read back as fast as memory.
 
 Latent flow matching trains on ``z = normalize(E(x))`` rather than on pixels. Running the VAE
 encoder every step would cost more than the flow model itself, so ``encode_to_store`` runs it once
-(how: an :class:`EncodeSettings`) and writes the raw posterior means into one memory-mapped array;
-``LatentStore`` reads them back as a ``Dataset``.
+(how: an :class:`EncodeSettings`; what: an :class:`ImageSource` -- an image folder, or images held
+in memory such as the built-in digits) and writes the raw posterior means into one memory-mapped
+array; ``LatentStore`` reads them back as a ``Dataset``.
 
 Folder layout (format ``flowmatch-latents-v1``)::
 
@@ -15,10 +16,12 @@ Folder layout (format ``flowmatch-latents-v1``)::
                         "vae_shift_factor": ..., "image_size": S, "center_crop": true,
                         "flip": bool, "channel_mean": [C floats], "channel_std": [C floats],
                         "classes": [...] or [], "has_std": bool, "complete": bool,
-                        "written": items written so far, "sources_digest": sha256 hex}
+                        "written": items written so far, "sources_digest": sha256 hex,
+                        "source": e.g. "digits:train" (only for images not from a folder)}
 
-Index layout: without ``flip`` item ``i`` is image ``i`` of the folder in ``ImageFolder`` order
-(sorted paths, classes in sorted sub-folder order). With ``flip=True`` every image is stored twice,
+Index layout: without ``flip`` item ``i`` is image ``i`` of the source: for a folder in
+``ImageFolder`` order (sorted paths, classes in sorted sub-folder order), for the digits in
+``Digits`` order. With ``flip=True`` every image is stored twice,
 interleaved: item ``2 i`` is image ``i`` and item ``2 i + 1`` its horizontal mirror, so N = 2 x
 images and ``written`` is always a prefix of the item range.
 
@@ -36,7 +39,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -45,18 +48,21 @@ from torch.utils.data import Dataset
 from flowmatch import distributed
 from flowmatch.atomic import atomic_write_json
 from flowmatch.autoencoder import LatentNormalization, vae_source
+from flowmatch.data.digits import Digits
 from flowmatch.data.imagefolder import ImageFolder
 from flowmatch.progress import Progress
 from flowmatch.rundir import lock_run_dir
 
-__all__ = ["FORMAT", "EncodeSettings", "LatentStore", "encode_to_store", "read_store_meta"]
+__all__ = ["FORMAT", "EncodeSettings", "ImageSource", "LatentStore", "encode_to_store",
+           "read_store_meta"]
 
 FORMAT = "flowmatch-latents-v1"
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 _LATENTS, _STD, _LABELS, _META = "latents.npy", "latents_std.npy", "labels.npy", "meta.json"
 # Settings that must agree for a re-run to resume a store, in the order mismatches are reported.
-_SETTINGS = ("vae", "image_size", "center_crop", "flip", "dtype", "has_std", "shape", "count",
-             "classes")
+# "source" is recorded only for images not from a folder (absent, i.e. None, for folders).
+_SETTINGS = ("source", "vae", "image_size", "center_crop", "flip", "dtype", "has_std", "shape",
+             "count", "classes")
 _STATS_CHUNK_VALUES = 1 << 23  # float64 values per chunk when measuring channel statistics (64 MB)
 
 
@@ -110,9 +116,11 @@ def read_store_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def _sources_digest(rel_paths: list[str], image_size: int, flip: bool, vae: str) -> str:
-    """sha256 of what determines the store's content: the image list and the encoding settings."""
-    payload = json.dumps({"files": sorted(rel_paths), "image_size": image_size, "flip": flip,
+def _sources_digest(names: Sequence[str], image_size: int, flip: bool, vae: str) -> str:
+    """sha256 of what determines the store's content: the image names and the encoding settings.
+
+    ``names`` are a folder's relative paths, or an in-memory source's item names."""
+    payload = json.dumps({"files": sorted(names), "image_size": image_size, "flip": flip,
                           "vae": vae}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -164,10 +172,12 @@ def _prepare_store(out: Path, store_meta: dict, overwrite: bool) -> dict:
             raise ValueError(f"{out} holds an unreadable latent store ({error}); pass "
                              "overwrite=True to replace it") from None
         as_read, old = old, _adopt_absolute_vae(old, store_meta)
-        diffs = [f"{k}: store has {old.get(k)!r}, this run has {store_meta[k]!r}"
-                 for k in _SETTINGS if old.get(k) != store_meta[k]]
+        diffs = [f"{k}: store has {old.get(k)!r}, this run has {store_meta.get(k)!r}"
+                 for k in _SETTINGS if old.get(k) != store_meta.get(k)]
         if not diffs and old.get("sources_digest") != store_meta["sources_digest"]:
-            diffs.append("the image files differ (another list of files under the image folder)")
+            diffs.append("the image files differ (another list of files under the image folder)"
+                         if store_meta.get("source") is None else
+                         f"the images differ (other items of {store_meta['source']})")
         if diffs:
             raise ValueError(f"{out} already holds a latent store made with other settings -- "
                              + "; ".join(diffs)
@@ -212,7 +222,7 @@ def _adopt_absolute_vae(old: dict, store_meta: dict) -> dict:
     recorded, vae = old.get("vae"), store_meta["vae"]
     if not isinstance(recorded, str) or recorded == vae or vae_source(recorded) != vae:
         return old
-    same_files = _sources_digest(store_meta["_rel_paths"], store_meta["image_size"],
+    same_files = _sources_digest(store_meta["_names"], store_meta["image_size"],
                                  store_meta["flip"], recorded)
     if old.get("sources_digest") != same_files:
         return old
@@ -232,7 +242,8 @@ class EncodeSettings:
             or ``"float32"``.
         store_posterior: also store the posterior std, so training can sample
             ``z_raw = m + s * eps`` (``LatentStore(sample_posterior=True)``).
-        center_crop: crop to a square after resizing the short side (else squash).
+        center_crop: crop to a square after resizing the short side (else squash); for image
+            folders (images held in memory are square already).
         overwrite: delete an existing store in ``out_dir`` first instead of resuming or refusing.
         num_workers: DataLoader processes decoding images.
     """
@@ -258,9 +269,115 @@ class EncodeSettings:
         return 2 if self.flip else 1
 
 
+class _TensorImages(Dataset):
+    """In-memory images ``(N, c, S, S)`` and labels ``(N,)`` as ``(x, y)`` items, with grey
+    (``c = 1``) images repeated to ``channels`` (as ``ImageFolder`` converts grey files to RGB)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, channels: int):
+        self.images, self.labels, self.channels = images, labels, channels
+        self.data_shape = (channels, *images.shape[2:])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = self.images[index]  # (c, S, S)
+        return x.expand(self.channels, -1, -1), int(self.labels[index])
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """The images :func:`encode_to_store` encodes, in store order: a folder or tensors in memory.
+
+    Build one with :meth:`from_folder`, :meth:`from_tensors` or :meth:`from_digits`.
+
+    Attributes:
+        dataset: items ``(x, y)``: ``x`` ``(c, S, S)`` float32 in ``[-1, 1]``, ``y`` the label;
+            ``dataset.data_shape`` is ``(c, S, S)``.
+        names: one per image; the store's ``sources_digest`` covers them (another list of names
+            is another store) and errors name them.
+        labels: one class index per image (all 0 without classes).
+        classes: class names, label ``k`` is ``classes[k]``; empty when unlabelled.
+        description: recorded as ``meta["source"]`` (e.g. ``"digits:train"``); ``None`` for a
+            folder, whose stores record no source (as before sources existed).
+    """
+
+    dataset: Dataset
+    names: tuple[str, ...]
+    labels: tuple[int, ...]
+    classes: tuple[str, ...] = ()
+    description: str | None = None
+
+    @property
+    def channels(self) -> int:
+        return int(self.dataset.data_shape[0])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.dataset.data_shape[-1])
+
+    @classmethod
+    def from_folder(cls, root: str | os.PathLike, image_size: int, channels: int = 3,
+                    center_crop: bool = True) -> ImageSource:
+        """An image folder read with :class:`ImageFolder` (class sub-folders become labels)."""
+        folder = ImageFolder(root, image_size, channels=channels, center_crop=center_crop)
+        names = tuple(p.relative_to(folder.root).as_posix() for p, _ in folder.samples)
+        return cls(folder, names, tuple(y for _, y in folder.samples), tuple(folder.classes))
+
+    @classmethod
+    def from_tensors(cls, images: torch.Tensor, labels: torch.Tensor | None = None,
+                     classes: Sequence[str] = (), description: str = "tensors",
+                     names: Sequence[str] | None = None) -> ImageSource:
+        """Images ``(N, c, S, S)`` in ``[-1, 1]`` with labels ``(N,)`` (default all 0); item
+        ``i`` is named ``f"{description}/{i}"`` unless ``names`` are given."""
+        if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+            raise ValueError(f"expected square images (N, c, S, S), got shape {tuple(images.shape)}")
+        labels = torch.zeros(len(images), dtype=torch.int64) if labels is None else labels
+        names = tuple(names) if names is not None else tuple(f"{description}/{i}"
+                                                             for i in range(len(images)))
+        if not len(labels) == len(names) == len(images):
+            raise ValueError(f"{len(images)} images, {len(labels)} labels, {len(names)} names")
+        dataset = _TensorImages(images.float(), labels, channels=images.shape[1])
+        return cls(dataset, names, tuple(int(y) for y in labels), tuple(classes), description)
+
+    @classmethod
+    def from_digits(cls, digits: Digits) -> ImageSource:
+        """The built-in digits (1 channel, classes ``"0"..."9"``), recorded as
+        ``"digits:<split>"``; items are named by their place in the full 1797-image set, so
+        another split is another store."""
+        description = f"digits:{digits.split}"
+        return cls.from_tensors(digits.images, digits.labels, digits.class_names, description,
+                                names=[f"digits/{i}" for i in digits.indices.tolist()])
+
+    def for_channels(self, channels: int) -> ImageSource:
+        """This source giving ``channels``-channel images (what the VAE reads): grey images held
+        in memory are repeated to RGB; any other mismatch is a ``ValueError``."""
+        if channels == self.channels:
+            return self
+        if isinstance(self.dataset, _TensorImages) and self.channels == 1:
+            return replace(self, dataset=_TensorImages(self.dataset.images, self.dataset.labels,
+                                                       channels))
+        raise ValueError(f"the images of {self.description or 'the source'} have {self.channels} "
+                         f"channel(s), the VAE reads {channels}")
+
+
+def _image_source(images, settings: EncodeSettings, channels: int) -> ImageSource:
+    """``encode_to_store``'s images as an :class:`ImageSource` of ``channels``-channel images of
+    ``settings.image_size``: a folder path, a :class:`Digits` or an ``ImageSource``."""
+    if isinstance(images, Digits):
+        images = ImageSource.from_digits(images)
+    if not isinstance(images, ImageSource):
+        return ImageSource.from_folder(images, settings.image_size, channels, settings.center_crop)
+    if images.image_size != settings.image_size:
+        raise ValueError(f"the images of {images.description or 'the source'} are "
+                         f"{images.image_size}x{images.image_size}, but image_size is "
+                         f"{settings.image_size}")
+    return images.for_channels(channels)
+
+
 def encode_to_store(
     autoencoder,
-    image_root: str | os.PathLike,
+    image_root: str | os.PathLike | ImageSource | Digits,
     out_dir: str | os.PathLike,
     settings: EncodeSettings | None = None,
     *,
@@ -269,13 +386,17 @@ def encode_to_store(
     world_size: int = 1,
     **options,
 ) -> Path:
-    """Encode an image folder with a frozen VAE into a latent store (layout: module docstring).
+    """Encode images with a frozen VAE into a latent store (layout: module docstring).
 
     Args:
         autoencoder: a :class:`flowmatch.autoencoder.Autoencoder` (its ``encode_moments`` is used;
             raw moments are stored, the normalisation parameters are recorded).
-        image_root: an image folder, flat or one sub-folder per class (class sub-folders become
-            ``labels.npy`` and ``meta["classes"]``); read with :class:`ImageFolder`.
+        image_root: the images: an image folder, flat or one sub-folder per class (class
+            sub-folders become ``labels.npy`` and ``meta["classes"]``; read with
+            :class:`ImageFolder` in the VAE's ``image_channels``), a :class:`Digits` (its labels
+            and classes ``"0".."9"``; ``meta["source"]`` is ``"digits:<split>"``), or any
+            :class:`ImageSource`. Images held in memory must already be ``image_size`` square;
+            grey ones are repeated to RGB for an RGB VAE.
         out_dir: the store folder (created).
         settings: an :class:`EncodeSettings`; ``options`` are its fields given as keywords
             (``image_size=32, flip=True, ...``), alone or replacing fields of ``settings``. A
@@ -305,9 +426,8 @@ def encode_to_store(
     if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise RuntimeError("encode_to_store with world_size > 1 needs an initialised process group "
                            "(call flowmatch.distributed.init() under torchrun)")
-    dataset = ImageFolder(image_root, settings.image_size, channels=autoencoder.image_channels,
-                          center_crop=settings.center_crop)
-    job = _EncodeJob(autoencoder, dataset, Path(out_dir), settings, rank, world_size)
+    source = _image_source(image_root, settings, autoencoder.image_channels)
+    job = _EncodeJob(autoencoder, source, Path(out_dir), settings, rank, world_size)
     with lock_run_dir(job.out, "encode-latents"):  # one writer at a time
         store_meta = job.store_meta()
         plan = _prepare_on_rank0(job.out, store_meta, settings.overwrite, rank)
@@ -356,15 +476,14 @@ class _EncodeJob:
     """One process's share of writing a store: which images it encodes and where their rows go."""
 
     autoencoder: object
-    dataset: ImageFolder
+    source: ImageSource
     out: Path
     settings: EncodeSettings
     rank: int = 0
     world_size: int = 1
 
     def __post_init__(self):
-        self.n_images = len(self.dataset)
-        self.rel_paths = [p.relative_to(self.dataset.root).as_posix() for p, _ in self.dataset.samples]
+        self.n_images = len(self.source.names)
 
     def store_meta(self) -> dict:
         """What the store records (and a resumed run must match); ``_labels`` is written apart."""
@@ -372,9 +491,12 @@ class _EncodeJob:
         scaling = ae.normalization
         if scaling.kind != "scaling":  # record the VAE's own factors whatever the wrapper uses
             scaling = LatentNormalization.from_vae_config(ae.vae.config)
-        labels = np.repeat(np.asarray([y for _, y in self.dataset.samples], dtype=np.int64), s.copies)
+        labels = np.repeat(np.asarray(self.source.labels, dtype=np.int64), s.copies)
         vae = vae_source(ae.source)  # a folder by its absolute path: usable from anywhere later
+        # A folder records no "source" key, so its meta.json stays what it was before sources.
+        described = {} if self.source.description is None else {"source": self.source.description}
         return {
+            **described,
             "count": self.n_images * s.copies,
             "shape": list(ae.latent_shape(s.image_size)),
             "dtype": s.dtype,
@@ -384,11 +506,11 @@ class _EncodeJob:
             "image_size": s.image_size,
             "center_crop": s.center_crop,
             "flip": s.flip,
-            "classes": list(self.dataset.classes),
+            "classes": list(self.source.classes),
             "has_std": s.store_posterior,
-            "sources_digest": _sources_digest(self.rel_paths, s.image_size, s.flip, vae),
+            "sources_digest": _sources_digest(self.source.names, s.image_size, s.flip, vae),
             "_labels": labels,
-            "_rel_paths": self.rel_paths,
+            "_names": self.source.names,
         }
 
     def batches(self, start_image: int) -> list[list[int]]:
@@ -408,7 +530,8 @@ class _EncodeJob:
         batches = self.batches(start_image)
         latents = np.lib.format.open_memmap(self.out / _LATENTS, mode="r+")
         stds = np.lib.format.open_memmap(self.out / _STD, mode="r+") if s.store_posterior else None
-        loader = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=_FixedBatches(batches),
+        loader = iter(torch.utils.data.DataLoader(self.source.dataset,
+                                                  batch_sampler=_FixedBatches(batches),
                                                   num_workers=s.num_workers))
         bar = Progress(self.n_images * s.copies, "encode latents", unit="latents", initial=written,
                        enabled=progress and self.rank == 0)
@@ -416,7 +539,7 @@ class _EncodeJob:
         try:
             for k, images in enumerate(batches):
                 if images:
-                    x, _ = next(loader)  # (b, 3, S, S) in [-1, 1]
+                    x, _ = next(loader)  # (b, c, S, S) in [-1, 1]
                     self._write_rows(latents, stds, x, images)
                 distributed.barrier()  # every rank's rows of this global batch are on disk
                 done = min(start_image + (k + 1) * s.batch_size * self.world_size,
@@ -430,7 +553,7 @@ class _EncodeJob:
         return meta
 
     def _encode(self, x: torch.Tensor, images: list[int]):
-        """Store rows for images ``images`` (pixels ``x`` (b, 3, S, S)): (row index, mean, std).
+        """Store rows for images ``images`` (pixels ``x`` (b, c, S, S)): (row index, mean, std).
 
         With ``flip`` the batch is encoded with its mirror and the rows interleaved: image ``i``
         -> rows ``2i`` (as is) and ``2i + 1`` (mirrored), so mean / std are ``(2b, C, h, w)``.
@@ -453,7 +576,7 @@ class _EncodeJob:
         index, mean, std = self._encode(x, images)
         rows = mean.cpu().numpy().astype(np_dtype)
         if not np.isfinite(rows).all():
-            names = ", ".join(self.rel_paths[i] for i in images[:5])
+            names = ", ".join(self.source.names[i] for i in images[:5])
             raise FloatingPointError(
                 f"non-finite latents (overflow in {self.settings.dtype}, or a VAE producing NaNs, "
                 f"e.g. in half precision) for images among: {names}")

@@ -18,6 +18,7 @@ from flowmatch.data import DATASET_KINDS, ImageFolder, LatentStore, build_datase
 from flowmatch.data.latents import (
     FORMAT,
     EncodeSettings,
+    ImageSource,
     encode_to_store,
     read_store_meta,
 )
@@ -260,6 +261,155 @@ def test_settings_are_checked_when_built(setup, tmp_path):
         encode_to_store(ae, images, tmp_path / "c", EncodeSettings(image_size=SIZE), dtype="int8")
     assert EncodeSettings(SIZE, flip=True).copies == 2 and EncodeSettings(SIZE).copies == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in digits and images held in memory
+# ----------------------------------------------------------------------------------------------
+
+
+class GreyPoolingAutoencoder(PoolingAutoencoder):
+    """The pooling stand-in for a grey (1-channel) VAE: mean = 2x2 pooled pixels times 4 weights."""
+
+    image_channels = 1
+
+    def __init__(self):
+        super().__init__()
+        self.mix = torch.tensor([[1.0], [2.0], [-1.0], [0.5]])
+
+
+@pytest.fixture(scope="module")
+def digits_train():
+    pytest.importorskip("sklearn")
+    from flowmatch.data.digits import Digits
+
+    return Digits(image_size=16, split="train")
+
+
+def test_a_store_of_the_digits_is_class_labelled(digits_train, tmp_path):
+    ae = GreyPoolingAutoencoder()
+    out = encode_to_store(ae, digits_train, tmp_path / "digits", image_size=16, batch_size=256,
+                          dtype="float32", progress=False)
+    meta = read_store_meta(out)
+    assert meta["source"] == "digits:train" and meta["count"] == len(digits_train) == 1438
+    assert meta["classes"] == [str(d) for d in range(10)] and meta["shape"] == [4, 8, 8]
+    assert np.array_equal(np.load(out / "labels.npy"), digits_train.labels.numpy())
+    mean, _ = ae.encode_moments(digits_train.images[:5])  # (5, 4, 8, 8)
+    assert np.allclose(np.load(out / "latents.npy")[:5], mean.numpy(), atol=1e-6)
+    store = LatentStore(out)
+    assert len(store) == 1438 and store.num_classes == 10 and store.class_names[3] == "3"
+    assert [store[i][1] for i in (0, 700, 1437)] == digits_train.labels[[0, 700, 1437]].tolist()
+    # The store of an ImageSource built from the same digits is the same store.
+    same = encode_to_store(ae, ImageSource.from_digits(digits_train), tmp_path / "source",
+                           image_size=16, batch_size=100, dtype="float32", progress=False)
+    for name in ("latents.npy", "labels.npy", "meta.json"):
+        assert (same / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_digits_split_and_size_are_other_stores(digits_train, tmp_path):
+    from flowmatch.data.digits import Digits
+
+    ae, kwargs = GreyPoolingAutoencoder(), {"batch_size": 512, "progress": False}
+    train = encode_to_store(ae, digits_train, tmp_path / "train", image_size=16, **kwargs)
+    test = encode_to_store(ae, Digits(16, "test"), tmp_path / "test", image_size=16, **kwargs)
+    big = encode_to_store(ae, Digits(32, "train"), tmp_path / "big", image_size=32, **kwargs)
+    digests = {read_store_meta(p)["sources_digest"] for p in (train, test, big)}
+    assert len(digests) == 3
+    assert read_store_meta(test)["source"] == "digits:test" and len(LatentStore(test)) == 359
+    with pytest.raises(ValueError, match="source: store has 'digits:train', this run has "
+                                         "'digits:test'.*overwrite"):
+        encode_to_store(ae, Digits(16, "test"), train, image_size=16, **kwargs)
+    with pytest.raises(ValueError, match="image_size: store has 16, this run has 32"):
+        encode_to_store(ae, Digits(32, "train"), train, image_size=32, **kwargs)
+    # Another split with the same count and settings differs in its items: the digest says so.
+    with pytest.raises(ValueError, match="the images differ .*digits:train"):
+        encode_to_store(ae, Digits(16, "train", seed=1), train, image_size=16, **kwargs)
+    # A folder is another source than the digits.
+    make_images(tmp_path / "images", n=2)  # read as grey, like the VAE
+    with pytest.raises(ValueError, match="source: store has 'digits:train', this run has None"):
+        encode_to_store(ae, tmp_path / "images", train, image_size=16, **kwargs)
+    encode_to_store(ae, Digits(16, "test"), train, image_size=16, overwrite=True, **kwargs)
+    assert read_store_meta(train)["sources_digest"] == read_store_meta(test)["sources_digest"]
+
+
+def test_an_interrupted_digits_store_resumes(digits_train, tmp_path):
+    kwargs = {"image_size": 16, "batch_size": 400, "flip": True, "dtype": "float32",
+              "store_posterior": True, "progress": False}
+    with pytest.raises(RuntimeError, match="simulated"):
+        encode_to_store(_Counting(GreyPoolingAutoencoder(), fail_at=3), digits_train,
+                        tmp_path / "resumed", **kwargs)
+    assert read_store_meta(tmp_path / "resumed")["written"] == 2 * 800
+    resuming = _Counting(GreyPoolingAutoencoder())
+    encode_to_store(resuming, digits_train, tmp_path / "resumed", **kwargs)
+    assert resuming.calls == 2  # the two missing batches of 400 images (and their mirrors)
+    straight = encode_to_store(GreyPoolingAutoencoder(), digits_train, tmp_path / "straight", **kwargs)
+    for name in ("latents.npy", "latents_std.npy", "labels.npy", "meta.json"):
+        assert (straight / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    store = LatentStore(straight)
+    assert len(store) == 2 * 1438 and store[1][1] == store[0][1] == int(digits_train.labels[0])
+
+
+def test_grey_images_in_memory_are_repeated_for_an_rgb_vae(tmp_path):
+    grey = torch.rand(5, 1, 8, 8) * 2 - 1
+    source = ImageSource.from_tensors(grey, torch.tensor([0, 1, 1, 0, 1]), classes=("a", "b"),
+                                      description="mine")
+    assert source.names[4] == "mine/4" and source.channels == 1 and source.image_size == 8
+    ae = PoolingAutoencoder()  # RGB
+    out = encode_to_store(ae, source, tmp_path / "rgb", image_size=8, dtype="float32",
+                          progress=False)
+    mean, _ = ae.encode_moments(grey.expand(-1, 3, -1, -1))
+    assert np.allclose(np.load(out / "latents.npy"), mean.numpy(), atol=1e-6)
+    assert read_store_meta(out)["source"] == "mine" and LatentStore(out).classes == ["a", "b"]
+    with pytest.raises(ValueError, match="are 8x8, but image_size is 16"):
+        encode_to_store(ae, source, tmp_path / "size", image_size=16, progress=False)
+    rgb = ImageSource.from_tensors(grey.expand(-1, 3, -1, -1), description="rgb")
+    with pytest.raises(ValueError, match="rgb have 3 channel.*reads 1"):
+        encode_to_store(GreyPoolingAutoencoder(), rgb, tmp_path / "c", image_size=8, progress=False)
+    with pytest.raises(ValueError, match="5 images, 4 labels"):
+        ImageSource.from_tensors(grey, torch.zeros(4, dtype=torch.int64))
+    assert not (tmp_path / "size").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_folder_store_records_no_source(store32):
+    assert "source" not in read_store_meta(store32)  # meta.json as before sources existed
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------
+
+
+def _parse(argv):
+    from flowmatch.cli import build_parser
+
+    return build_parser().parse_args(["encode-latents", "--vae", "V", "--out", "S", *argv])
+
+
+def test_cli_takes_a_folder_or_a_dataset(capsys):
+    args = _parse(["--dataset", "digits", "--split", "test", "--image-size", "16"])
+    assert (args.dataset, args.split, args.image_size, args.images) == ("digits", "test", 16, None)
+    args = _parse(["--images", "F"])
+    assert (args.images, args.dataset, args.split, args.image_size) == ("F", None, None, None)
+    for argv, message in ((["--images", "F", "--dataset", "digits"], "not allowed with"),
+                          ([], "one of the arguments --images --dataset is required"),
+                          (["--dataset", "cifar"], "invalid choice"),
+                          (["--dataset", "digits", "--split", "val"], "invalid choice")):
+        with pytest.raises(SystemExit) as exit_:
+            _parse(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_cli_what_to_encode_and_its_size(tmp_path, capsys):
+    from flowmatch.cli import latents, main
+
+    images, size = latents._images(_parse(["--dataset", "digits"]))
+    assert (images.split, images.image_size, size) == ("train", 16, 16)
+    images, size = latents._images(_parse(["--dataset", "digits", "--split", "all", "--image-size", "8"]))
+    assert (images.split, len(images), size) == ("all", 1797, 8)
+    assert latents._images(_parse(["--images", "F"])) == ("F", 256)
+    assert main(["encode-latents", "--vae", "V", "--images", str(tmp_path), "--split", "test",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "--split applies only to --dataset" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
