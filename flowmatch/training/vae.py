@@ -1,34 +1,42 @@
-"""Fine-tuning an AutoencoderKL on your images, and measuring its reconstructions.
+"""Training an AutoencoderKL -- from scratch or from a pretrained one -- and measuring its
+reconstructions.
 
-Stable Diffusion's ``sd-vae-ft-ema`` / ``sd-vae-ft-mse`` were made by fine-tuning only the decoder
-of the original VAE: the latent space (the encoder) stays fixed, so latent stores and flow models
-built on it stay valid, while the decoder learns to render the target domain's details. That is the
-default here (``train_encoder: false``). One step on a batch ``x`` in ``[-1, 1]``::
+:func:`train_vae` is the one loop (``flowmatch train-vae``); :func:`finetune_vae` (``flowmatch
+finetune-vae``) is its special case that starts from a pretrained VAE and, by default, trains the
+decoder only: Stable Diffusion's ``sd-vae-ft-ema`` / ``sd-vae-ft-mse`` were made that way, so the
+latent space (the encoder) stays fixed and latent stores and flow models built on it stay valid.
+One step on a batch ``x`` in ``[-1, 1]``::
 
     (m, s) = encoder(x),  z = m + s * eps,  eps ~ N(0, I)      (eps from the step's seeded generator)
     x_rec  = decoder(z)
     loss   = recon(x_rec, x)                                    l1 or mse, mean over pixels
            + kl_weight * KL(N(m, s^2) || N(0, I))               0.5 sum(m^2 + s^2 - 1 - log s^2)
                                                                 over (C, h, w), mean over the batch
-           + perceptual_weight * P(x_rec, x)                    LPIPS by default, mean over the batch
+           + perceptual_weight * P(x_rec, x)                    LPIPS or a pluggable network,
+                                                                mean over the batch
 
 The perceptual network ``P`` is frozen, but the loss is differentiated *through* it to ``x_rec``
 (a perceptual term computed under ``no_grad`` would silently train nothing). Training runs in
-float32 on one process.
+float32.
 
 The loop is built from the flow trainer's pieces (:mod:`flowmatch.training.batches`,
-:mod:`flowmatch.training.loop`), so reproducibility follows it: the batch order is
-:class:`BatchStream`'s (a pure function of the step), step ``k``'s flips and posterior noise come
-from ``step_generator(seed, k)``, and a run resumed from ``checkpoints/latest.pt`` continues exactly
-as if it had never stopped.
+:mod:`flowmatch.training.loop`), so reproducibility and multi-process training follow it: the
+batch order is :class:`BatchStream`'s (a pure function of the step; under torchrun process ``r``
+takes the ``r``-th slice of the global batch), step ``k``'s flips and posterior noise are drawn for
+the global batch from ``step_generator(seed, k)`` and sliced the same way, the gradients are averaged
+by ``DistributedDataParallel``, and a run resumed from ``checkpoints/latest.pt`` continues exactly as
+if it had never stopped. Only rank 0 writes files.
+
+A VAE trained from scratch gets ``scaling_factor = 1 / std`` of its posterior means over (up to
+2048) training images written into its saved config -- how Stable Diffusion arrived at 0.18215 --
+so the default ``"scaling"`` latent normalisation (:mod:`flowmatch.autoencoder`) gives latents of
+unit variance. A pretrained start keeps its factor.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import importlib
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,9 +47,11 @@ from flowmatch import distributed
 from flowmatch.atomic import atomic_open
 from flowmatch.autoencoder import Autoencoder, load_vae
 from flowmatch.checkpoint import CheckpointError
-from flowmatch.config import ConfigError
+from flowmatch.config import ConfigError, config_to_dict
+from flowmatch.data import build_dataset
 from flowmatch.data.imagefolder import ImageFolder
 from flowmatch.imageio import save_image_grid
+from flowmatch.plots import save_line_plot
 from flowmatch.rundir import lock_run_dir, remove_stale_temps
 from flowmatch.training.batches import BatchStream, StreamLoader, step_generator
 from flowmatch.training.ema import EMA
@@ -52,77 +62,63 @@ from flowmatch.training.loop import (
     StopOnInterrupt,
     UpdateRule,
     progress_bar,
+    stop_status,
 )
 from flowmatch.training.lr import LRSchedule
+from flowmatch.training.vae_config import (
+    VAEFinetuneConfig,
+    VAETrainConfig,
+    downsampling_factor,
+)
 
-__all__ = ["VAEFinetuneConfig", "finetune_loss", "finetune_vae", "psnr", "reconstruct"]
+__all__ = [
+    "Reconstruction",
+    "VAEFinetuneConfig",
+    "VAETrainConfig",
+    "VAETrainingStopped",
+    "build_vae",
+    "finetune_loss",
+    "finetune_vae",
+    "measure_scaling_factor",
+    "perceptual_network",
+    "psnr",
+    "reconstruct",
+    "train_vae",
+    "vae_loss",
+]
 
 _GRID_IMAGES = 8  # images in the reconstruction grids written during training
+_SCALING_IMAGES = 2048  # training images whose posterior means set a new VAE's scaling_factor
+_TERMS = ("recon", "kl", "perceptual")  # the unweighted loss terms logged beside the loss
+# What a resumed run must share with its checkpoint: the network and which of its parts train.
+_RESUME_KEYS = ("vae", "vae_subfolder", "train_encoder")
+_ARCHITECTURE_KEYS = ("in_channels", "block_out_channels", "layers_per_block", "latent_channels",
+                      "norm_num_groups")
 
 
-# ----------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------
+class VAETrainingStopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped :func:`train_vae` after a step, with its checkpoint written;
+    ``status`` is ``"interrupted"`` (SIGINT) or ``"terminated"`` (SIGTERM). Running again resumes."""
 
-
-@dataclass
-class VAEFinetuneConfig:
-    """Schema of a VAE fine-tuning run (``flowmatch.config.load_dataclass`` reads it from YAML)."""
-
-    vae: str = "stabilityai/sd-vae-ft-ema"  # Hub id or local folder of the AutoencoderKL to start from
-    vae_subfolder: str = ""  # e.g. "vae" for a VAE inside a whole pipeline repository
-    images: str = ""  # folder of training images (required)
-    image_size: int = 256  # training crops are image_size squares (centre crop after resize)
-    batch_size: int = 4
-    steps: int = 1000  # optimizer steps
-    lr: float = 1e-5  # AdamW, constant
-    weight_decay: float = 0.0
-    recon_loss: str = "l1"  # l1 | mse
-    kl_weight: float = 1e-6
-    perceptual: str = "lpips"  # lpips | none
-    perceptual_weight: float = 0.1  # 0 (or perceptual: none) runs without lpips
-    train_encoder: bool = False  # False: decoder only, the latent space stays as it is
-    ema_decay: float = 0.999  # per step; the saved VAE is the EMA copy
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    seed: int = 0
-    out_dir: str = "runs/vae"
-    sample_every: int = 200  # steps between reconstruction grids; 0 disables
-    save_every: int = 200  # steps between writes of checkpoints/latest.pt; 0 = only at the end
-    device: str = "auto"  # auto | cpu | cuda
-    hflip: bool = True  # random horizontal flips, drawn from the step's generator
-    num_workers: int = 0  # DataLoader processes decoding images
-
-    def __post_init__(self) -> None:
-        def need(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"{key}: {msg}")
-
-        need(bool(self.vae), "vae", "required: a Hub id or a local VAE folder")
-        need(bool(self.images), "images", "required: the folder of training images")
-        need(self.image_size >= 8, "image_size", "must be >= 8")
-        need(self.batch_size >= 1, "batch_size", "must be >= 1")
-        need(self.steps >= 1, "steps", "must be >= 1")
-        need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be > 0")
-        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        need(self.recon_loss in ("l1", "mse"), "recon_loss", "must be l1 or mse")
-        need(self.kl_weight >= 0, "kl_weight", "must be >= 0")
-        need(self.perceptual in ("lpips", "none"), "perceptual", "must be lpips or none")
-        need(self.perceptual_weight >= 0, "perceptual_weight", "must be >= 0")
-        need(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
-        need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables)")
-        need(self.sample_every >= 0, "sample_every", "must be >= 0 (0 disables)")
-        need(self.save_every >= 0, "save_every", "must be >= 0")
-        need(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
-        need(self.num_workers >= 0, "num_workers", "must be >= 0")
-
-    @property
-    def uses_perceptual(self) -> bool:
-        return self.perceptual != "none" and self.perceptual_weight > 0
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 # ----------------------------------------------------------------------------------------------
 # Loss
 # ----------------------------------------------------------------------------------------------
+
+
+class _GreyAsRGB(nn.Module):
+    """A perceptual network for RGB images applied to grey ones (the channel repeated three times)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x_rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x_rec.expand(-1, 3, -1, -1), x.expand(-1, 3, -1, -1))
 
 
 def _lpips(device: torch.device) -> nn.Module:
@@ -133,7 +129,7 @@ def _lpips(device: torch.device) -> nn.Module:
         raise ImportError(
             "perceptual: lpips needs the optional `lpips` package (pip install lpips; it needs "
             "torchvision and downloads its network weights on first use). Install it, or set "
-            "perceptual: none (or perceptual_weight: 0) to fine-tune without a perceptual loss"
+            "perceptual: none (or perceptual_weight: 0) to train without a perceptual loss"
         ) from error
     try:
         net = lpips.LPIPS(net="vgg", verbose=False)
@@ -145,38 +141,80 @@ def _lpips(device: torch.device) -> nn.Module:
     return net.to(device)
 
 
-def finetune_loss(
-    vae: nn.Module,
+def _from_factory(spec: str) -> nn.Module:
+    """The network ``package.module:factory()`` builds (the config's pluggable perceptual net)."""
+    module_name, _, name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"perceptual: cannot import {spec!r} ({error})") from None
+    net = factory()
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"perceptual: {spec}() returned a {type(net).__name__}, not a torch nn.Module")
+    return net
+
+
+def perceptual_network(cfg: VAETrainConfig, net: nn.Module | None, device: torch.device,
+                       channels: int = 3) -> nn.Module | None:
+    """The frozen perceptual network ``P(x_rec, x)``: ``net`` if given, else what ``cfg.perceptual``
+    names (LPIPS, or the module a ``"package.module:factory"`` builds); None when the term is off.
+    LPIPS reads RGB: grey (``channels`` 1) images are repeated to three channels for it."""
+    if not cfg.uses_perceptual:
+        return None
+    if net is None and cfg.perceptual == "lpips":
+        net = _lpips(device)
+        net = _GreyAsRGB(net) if channels == 1 else net
+    elif net is None:
+        net = _from_factory(cfg.perceptual)
+    return net.to(device).eval().requires_grad_(False)
+
+
+class Reconstruction(nn.Module):
+    """``(x, eps) -> (x_rec, mean, logvar)``: encode, draw ``z = mean + std * eps``, decode -- the
+    VAE's training pass as one ``forward``, so that ``DistributedDataParallel`` can wrap it (DDP
+    synchronises gradients only of passes that go through its ``forward``).
+
+    With ``train_encoder`` False the encoder runs without autograd: nothing reaches it, and the KL
+    term then carries no gradient."""
+
+    def __init__(self, vae: nn.Module, train_encoder: bool = True):
+        super().__init__()
+        self.vae, self.train_encoder = vae, train_encoder
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
+            posterior = self.vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * eps  # (B, C, h, w), reparameterised
+        return self.vae.decode(z).sample, posterior.mean, posterior.logvar  # (B, c, H, W), 2 x (B, C, h, w)
+
+
+def vae_loss(
+    reconstruction: nn.Module,
     x: torch.Tensor,
     eps: torch.Tensor,
-    cfg: VAEFinetuneConfig,
+    cfg: VAETrainConfig | VAEFinetuneConfig,
     perceptual_net: nn.Module | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The fine-tuning loss of one batch (formula in the module docstring).
+    """The training loss of one batch (formula in the module docstring).
 
     Args:
-        vae: the trainable ``AutoencoderKL``.
-        x: ``(B, 3, H, W)`` images in ``[-1, 1]``.
+        reconstruction: a :class:`Reconstruction` (or DistributedDataParallel around one).
+        x: ``(B, c, H, W)`` images in ``[-1, 1]``.
         eps: ``(B, C, H / f, W / f)`` standard normal noise of the posterior sample.
-        cfg: loss choices and weights (``recon_loss``, ``kl_weight``, ``perceptual_weight``,
-            ``train_encoder``).
+        cfg: loss choices and weights (``recon_loss``, ``kl_weight``, ``perceptual_weight``).
         perceptual_net: ``P(x_rec, x)`` -> per-sample or scalar distances; None skips the term.
 
     Returns:
         ``(loss, terms)``: the weighted total and the unweighted terms ``recon``, ``kl``,
         ``perceptual`` (0 without a net), all scalars that keep their autograd graph, plus
-        ``x_rec`` ``(B, 3, H, W)``.
+        ``x_rec`` ``(B, c, H, W)``.
     """
-    # A frozen encoder needs no graph; a trained one gets its gradient through z and the KL.
-    with torch.set_grad_enabled(cfg.train_encoder and torch.is_grad_enabled()):
-        posterior = vae.encode(x).latent_dist
-    z = posterior.mean + posterior.std * eps  # (B, C, h, w), reparameterised
-    x_rec = vae.decode(z).sample  # (B, 3, H, W)
+    x_rec, mean, logvar = reconstruction(x, eps)
     if cfg.recon_loss == "l1":
         recon = (x_rec - x).abs().mean()
     else:
         recon = (x_rec - x).pow(2).mean()
-    kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).sum(dim=(1, 2, 3)).mean()
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
     if perceptual_net is not None:
         perceptual = perceptual_net(x_rec, x).mean()  # graph kept: gradient flows to x_rec
     else:
@@ -185,13 +223,67 @@ def finetune_loss(
     return loss, {"recon": recon, "kl": kl, "perceptual": perceptual, "x_rec": x_rec}
 
 
+def finetune_loss(vae: nn.Module, x: torch.Tensor, eps: torch.Tensor, cfg: VAETrainConfig | VAEFinetuneConfig,
+                  perceptual_net: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`vae_loss` of the ``AutoencoderKL`` ``vae`` itself (its encoder trained only when
+    ``cfg.train_encoder``)."""
+    return vae_loss(Reconstruction(vae, cfg.train_encoder), x, eps, cfg, perceptual_net)
+
+
 # ----------------------------------------------------------------------------------------------
-# Training
+# The VAE and its data
 # ----------------------------------------------------------------------------------------------
 
 
-def _device(name: str) -> torch.device:
-    return distributed.resolve_device(name)
+def build_vae(cfg: VAETrainConfig, image_size: int, device: torch.device | str = "cpu") -> nn.Module:
+    """The ``AutoencoderKL`` a run starts from: ``cfg.vae`` loaded, or for ``vae: ""`` a new one
+    built from the architecture fields (plain conv blocks, ``sample_size=image_size``), its initial
+    weights seeded by ``cfg.seed``."""
+    if cfg.vae:
+        return load_vae(cfg.vae, subfolder=cfg.vae_subfolder or None, device=device)
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as error:
+        raise ImportError("train-vae needs diffusers: pip install 'flowmatch[vae]'") from error
+    n = len(cfg.block_out_channels)
+    torch.manual_seed(cfg.seed)  # initial weights
+    vae = AutoencoderKL(
+        in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
+        sample_size=image_size,
+    )
+    return vae.to(device)
+
+
+def _image_data(cfg: VAETrainConfig):
+    """The training images, with their shape checked against ``data.shape``: ``(C, S, S)``."""
+    dataset = build_dataset(cfg.data.kind, **cfg.data.params)
+    shape = tuple(dataset.data_shape)
+    if cfg.data.shape and tuple(cfg.data.shape) != shape:
+        raise ConfigError(f"data.shape: the config expects items of shape {tuple(cfg.data.shape)}, "
+                          f"the data set gives {shape}")
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise ConfigError(f"data: a VAE trains on square images (C, S, S), the data set gives {shape}")
+    return dataset
+
+
+def _check_fit(cfg: VAETrainConfig, vae: nn.Module, dataset) -> tuple[int, int, int]:
+    """The latent shape of the data's images; a ConfigError when they do not fit the VAE."""
+    channels, size = int(dataset[0][0].shape[0]), int(dataset.data_shape[-1])
+    wants = int(vae.config.in_channels)
+    if channels != wants:
+        fix = (f"set in_channels: {channels}" if cfg.from_scratch else "use a VAE for such images")
+        if cfg.data.kind == "folder":
+            fix += f", or data.channels: {wants}"
+        raise ConfigError(f"{'in_channels' if cfg.from_scratch else 'data'}: the images have "
+                          f"{channels} channel(s), the VAE reads {wants}; {fix}")
+    factor = downsampling_factor(vae.config.block_out_channels)
+    if size % factor:
+        raise ConfigError(f"data.image_size: {size} is not a multiple of the VAE's downsampling "
+                          f"factor {factor} (2 ** (len(block_out_channels) - 1))")
+    return (int(vae.config.latent_channels), size // factor, size // factor)
 
 
 def _trainable_parameters(vae: nn.Module, train_encoder: bool) -> list[nn.Parameter]:
@@ -208,66 +300,65 @@ def _trainable_parameters(vae: nn.Module, train_encoder: bool) -> list[nn.Parame
     return params
 
 
-def _learner(cfg: VAEFinetuneConfig, device: torch.device, checkpoint: Path) -> tuple[Learner, tuple]:
-    """The VAE (trainable parts chosen), its EMA copy and AdamW at a constant lr; the latent shape."""
-    vae = load_vae(cfg.vae, subfolder=cfg.vae_subfolder or None, device=device)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if cfg.image_size % factor:
-        raise ConfigError(f"image_size: {cfg.image_size} is not a multiple of the VAE's "
-                          f"downsampling factor {factor}")
-    latent_shape = (int(vae.config.latent_channels), cfg.image_size // factor, cfg.image_size // factor)
+def _learner(cfg: VAETrainConfig, vae: nn.Module, dist: distributed.DistInfo, checkpoint: Path) -> Learner:
+    """The VAE (trainable parts chosen), its EMA copy, AdamW with the schedule, and under torchrun
+    DistributedDataParallel around its :class:`Reconstruction` pass."""
     params = _trainable_parameters(vae, cfg.train_encoder)
     ema = EMA(vae)
+    model = Reconstruction(vae, cfg.train_encoder)
+    if dist.distributed:
+        device = next(vae.parameters()).device
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rule = UpdateRule(LRSchedule(cfg.lr, cfg.steps, schedule="constant"), grad_clip=cfg.grad_clip,
-                      ema_decay=cfg.ema_decay)
-    return Learner(vae, optimizer, ema, rule, model_key="vae", checkpoint=checkpoint), latent_shape
+    rule = UpdateRule(LRSchedule(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.lr_schedule),
+                      grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay)
+    return Learner(vae, optimizer, ema, rule, ddp_model=model, model_key="vae", checkpoint=checkpoint)
 
 
-def _perceptual(cfg: VAEFinetuneConfig, net: nn.Module | None, device: torch.device) -> nn.Module | None:
-    """The frozen perceptual network: ``net`` if given, else LPIPS; None when the term is off."""
-    if not cfg.uses_perceptual:
-        return None
-    net = net if net is not None else _lpips(device)
-    return net.to(device).eval().requires_grad_(False)
+@torch.no_grad()
+def measure_scaling_factor(vae: nn.Module, dataset, n: int = _SCALING_IMAGES,
+                           batch_size: int = 64) -> tuple[float, float]:
+    """``(1 / std, std)``: ``std`` the standard deviation (``torch.std``, over every element) of
+    the posterior means of the first ``min(n, len(dataset))`` images -- the ``scaling_factor`` that
+    gives the ``"scaling"`` latent normalisation unit-variance latents."""
+    device = next(vae.parameters()).device
+    means = []
+    for start in range(0, min(n, len(dataset)), batch_size):
+        stop = min(start + batch_size, n, len(dataset))
+        x = torch.stack([dataset[i][0] for i in range(start, stop)]).to(device)
+        means.append(vae.encode(x).latent_dist.mean.float().cpu())
+    std = float(torch.cat(means).std())
+    return 1.0 / std, std
 
 
-def _resume(learner: Learner, checkpoints: Checkpoints, cfg: VAEFinetuneConfig, device) -> None:
-    """Continue from checkpoints/latest.pt, if there is one and it was made with this VAE setup."""
-    state = checkpoints.read(device)
-    if state is None:
-        return
-    saved = state.get("config", {})
-    for key in ("vae", "vae_subfolder", "train_encoder"):
-        if saved.get(key) != getattr(cfg, key):
-            raise CheckpointError(
-                f"{checkpoints.latest} was written with {key}={saved.get(key)!r}, this run has "
-                f"{getattr(cfg, key)!r}; use another out_dir or delete the checkpoint")
-    learner.load_state_dict(state)
-    print(f"resumed from {checkpoints.latest} at step {learner.step}", flush=True)
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
 
 
 class _StepLoss:
-    """``loss_of(k)`` for the Learner: batch ``k`` of the image stream, its flips and posterior noise
-    from ``step_generator(seed, k)``; the last step's loss terms in ``terms``."""
+    """``loss_of(k)`` for the Learner: this process's rows of batch ``k`` of the image stream, their
+    flips and posterior noise from ``step_generator(seed, k)`` (drawn for the global batch, then
+    sliced like the data); the step's loss terms added to ``sums``."""
 
-    def __init__(self, cfg: VAEFinetuneConfig, vae: nn.Module, batches: StreamLoader,
+    def __init__(self, cfg: VAETrainConfig, model: nn.Module, batches: StreamLoader, stream: BatchStream,
                  latent_shape: tuple, perceptual_net: nn.Module | None):
-        self.cfg, self.vae, self.batches = cfg, vae, batches
+        self.cfg, self.model, self.batches, self.stream = cfg, model, batches, stream
         self.latent_shape, self.perceptual_net = latent_shape, perceptual_net
-        self.device = next(vae.parameters()).device
-        self.terms: dict[str, float] = {}
+        self.device = next(model.parameters()).device
+        self.sums = torch.zeros(len(_TERMS))  # the unweighted terms, summed since the last log line
 
     def __call__(self, k: int) -> torch.Tensor:
-        device = self.device
-        x = self.batches(k)[0].to(device)  # (B, 3, S, S); labels dropped
+        device, G = self.device, self.stream.global_batch
+        x = self.batches(k)[0].to(device)  # (B, c, S, S); labels dropped
         g = step_generator(self.cfg.seed, k)
-        flip = torch.rand(len(x), generator=g) < 0.5
-        eps = torch.randn((len(x), *self.latent_shape), generator=g).to(device)
-        if self.cfg.hflip:
+        flip = (torch.rand(G, generator=g) < 0.5)[self.stream.rows]
+        eps = torch.randn((G, *self.latent_shape), generator=g)[self.stream.rows].to(device)
+        if self.cfg.data.hflip:
             x = torch.where(flip.view(-1, 1, 1, 1).to(device), x.flip(-1), x)
-        loss, terms = finetune_loss(self.vae, x, eps, self.cfg, self.perceptual_net)
-        self.terms = {name: float(v.detach()) for name, v in terms.items() if name != "x_rec"}
+        loss, terms = vae_loss(self.model, x, eps, self.cfg, self.perceptual_net)
+        self.sums += torch.tensor([float(terms[name].detach()) for name in _TERMS])
         return loss
 
 
@@ -278,84 +369,195 @@ def _reconstruction_grid(vae: nn.Module, x: torch.Tensor, path: Path) -> Path:
     return save_image_grid(torch.cat([x, x_rec]).cpu(), path, nrow=len(x))
 
 
-def finetune_vae(
-    cfg: VAEFinetuneConfig, perceptual_net: nn.Module | None = None, progress: bool = True
-) -> Path:
-    """Fine-tune ``cfg.vae`` on ``cfg.images``; resume from ``out_dir/checkpoints/latest.pt``.
+class _VAERun:
+    """One launch of :func:`train_vae`, holding the output folder's lock: set-up, resume, the loop."""
 
-    Writes into ``cfg.out_dir``: ``config.yaml``; ``checkpoints/latest.pt`` (step, config, weights,
-    EMA weights, optimizer; atomic) every ``save_every`` steps and at the end;
-    ``samples/step_XXXXXXX.png`` reconstruction grids from the EMA weights; ``metrics.jsonl``
-    (one line per step); and at the end ``vae/``, the EMA VAE in diffusers format, which
-    ``Autoencoder.load(out_dir / "vae")`` reads.
+    def __init__(self, cfg: VAETrainConfig, perceptual_net: nn.Module | None, progress: bool,
+                 dist: distributed.DistInfo, device: torch.device):
+        self.cfg, self.dist, self.device, self.progress = cfg, dist, device, progress
+        self.out = Path(cfg.out_dir)
+        self.checkpoints = Checkpoints(self.out / "checkpoints", require=("step", "vae", "ema", "optimizer"))
+        self.dataset = _image_data(cfg)
+        vae = build_vae(cfg, int(self.dataset.data_shape[-1]), device)
+        self.latent_shape = _check_fit(cfg, vae, self.dataset)
+        self.perceptual = perceptual_network(cfg, perceptual_net, device, int(vae.config.in_channels))
+        self.learner = _learner(cfg, vae, dist, self.checkpoints.latest)
+        self.global_batch = cfg.batch_size * dist.world_size
+        self.stream = BatchStream(len(self.dataset), self.global_batch, cfg.seed, dist.rank, dist.world_size)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        n_grid = min(_GRID_IMAGES, len(self.dataset))
+        self.grid_x = torch.stack([self.dataset[i][0] for i in range(n_grid)]).to(device)
+
+    def describe(self) -> str:
+        vae, (c, h, w) = self.learner.model, self.latent_shape
+        total = sum(p.numel() for p in vae.parameters())
+        trained = sum(p.numel() for p in self.learner.params)
+        size = self.dataset.data_shape
+        start = f"from {self.cfg.vae}" if self.cfg.vae else "from scratch"
+        return (f"AutoencoderKL {start}: {total:,} parameters ({total / 1e6:.2f}M), {trained:,} "
+                f"trained; images {tuple(size)} -> latents ({c}, {h}, {w}), downsampling factor "
+                f"{size[-1] // h}; {len(self.dataset)} images; global batch {self.global_batch} = "
+                f"{self.cfg.batch_size} x {self.dist.world_size} process(es); device {self.device}")
+
+    def state_dict(self) -> dict:
+        return {"step": self.learner.step, "config": config_to_dict(self.cfg),
+                **self.learner.state_dict(), "world_size": self.dist.world_size,
+                "global_batch": self.global_batch}
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            self.checkpoints.write(self.state_dict())
+        distributed.barrier()
+
+    def resume(self) -> None:
+        """Continue from checkpoints/latest.pt, if there is one and it holds this network."""
+        state = self.checkpoints.read(self.device)
+        if state is None:
+            return
+        saved, now = state.get("config", {}), config_to_dict(self.cfg)
+        keys = _RESUME_KEYS + (_ARCHITECTURE_KEYS if self.cfg.from_scratch else ())
+        for key in keys:
+            if saved.get(key) != now[key]:
+                raise CheckpointError(
+                    f"{self.checkpoints.latest} was written with {key}={saved.get(key)!r}, this run "
+                    f"has {now[key]!r}; use another out_dir or delete the checkpoint")
+        if state.get("global_batch", self.global_batch) != self.global_batch:
+            distributed.print0(f"warning: resuming with global batch {self.global_batch}, the "
+                               f"checkpoint used {state['global_batch']}: not an exact resume")
+        self.learner.load_state_dict(state)
+        distributed.print0(f"resumed from {self.checkpoints.latest} at step {self.learner.step}")
+
+    def open(self) -> None:
+        """Resume (after its checks), then config.yaml, the metrics cut back to the resumed step, and
+        the temp files of a killed writer removed (rank 0)."""
+        self.resume()
+        if self.dist.is_main:
+            for folder in (self.out, self.checkpoints.folder):
+                remove_stale_temps(folder)
+            with atomic_open(self.out / "config.yaml", "w") as f:
+                f.write(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False, default_flow_style=None))
+            self.metrics.resume(self.learner.step)
+            distributed.print0(self.describe())
+
+    def log(self, step_loss: _StepLoss, window: dict, grad_norm: float) -> None:
+        """One metrics.jsonl line: the loss and its terms averaged over the steps since the last
+        one (the terms over every process too), the learning rate, the last gradient norm."""
+        n = self.learner.step - window["step"]
+        terms = distributed.all_reduce_mean(step_loss.sums.to(self.device)).cpu() / n
+        if self.dist.is_main:
+            record = {"step": self.learner.step, "loss": window["loss"] / n, "grad_norm": grad_norm,
+                      "lr": self.learner.optimizer.param_groups[0]["lr"], "time": time.time(),
+                      **{name: float(v) for name, v in zip(_TERMS, terms)}}
+            self.metrics.append(record)
+        step_loss.sums.zero_()
+        window.update(step=self.learner.step, loss=0.0)
+
+    def fit(self) -> Path:
+        cfg, learner = self.cfg, self.learner
+        self.open()
+        batches = StreamLoader(self.dataset, self.stream, learner.step, cfg.num_workers)
+        step_loss = _StepLoss(cfg, learner.ddp_model, batches, self.stream, self.latent_shape,
+                              self.perceptual)
+        window = {"step": learner.step, "loss": 0.0}
+        learner.ddp_model.train()
+        bar = progress_bar(self.progress and self.dist.is_main, cfg.steps, learner.step, "train vae")
+        with bar, StopOnInterrupt() as interrupt:
+            while learner.step < cfg.steps:
+                loss, grad_norm = learner.train_step(step_loss)
+                step = learner.step
+                window["loss"] += loss
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    self.log(step_loss, window, grad_norm)
+                if cfg.sample_every and step % cfg.sample_every == 0 and self.dist.is_main:
+                    grid = self.out / "samples" / f"step_{step:07d}.png"
+                    _reconstruction_grid(learner.ema.model, self.grid_x, grid)
+                if cfg.save_every and step % cfg.save_every == 0:
+                    self.save()
+                status = stop_status(interrupt, self.device)
+                if status is not None and step < cfg.steps:
+                    self.stop(status)
+        return self.finish()
+
+    def stop(self, status: str) -> None:
+        """Write the checkpoint (and the loss plot) and raise :class:`VAETrainingStopped`."""
+        self.save()
+        self.plot()
+        raise VAETrainingStopped(status, f"{status} at step {self.learner.step}; checkpoint written "
+                                         f"to {self.checkpoints.latest}; run again to resume")
+
+    def plot(self) -> None:
+        """loss.png: the loss and its unweighted terms per logged step (rank 0)."""
+        records = self.metrics.records
+        if not (self.dist.is_main and records):
+            return
+        steps = [r["step"] for r in records]
+        series = {name: (steps, [r[name] for r in records]) for name in ("loss", *_TERMS)}
+        save_line_plot(series, self.out / "loss.png", title="VAE training loss", logy=True)
+
+    def finish(self) -> Path:
+        """The last checkpoint, the loss plot and ``out_dir/vae``: the EMA weights (the trained
+        ones when ``ema_decay`` is 0: the EMA copy then follows them exactly) with save_pretrained,
+        a new VAE's config carrying its measured scaling_factor."""
+        self.save()
+        self.plot()
+        vae_dir, vae = self.out / "vae", self.learner.ema.model
+        if self.dist.is_main:
+            note = f"scaling_factor {vae.config.scaling_factor} (as loaded)"
+            if self.cfg.from_scratch:
+                factor, std = measure_scaling_factor(vae, self.dataset)
+                vae.register_to_config(scaling_factor=factor)
+                note = f"scaling_factor 1 / {std:.4g} = {factor:.6g} (std of the posterior means)"
+            vae.save_pretrained(vae_dir)
+            distributed.print0(f"done: {self.learner.step} steps; VAE in {vae_dir}, {note}; "
+                               f"loss curve {self.out / 'loss.png'}")
+        distributed.barrier()
+        return vae_dir
+
+
+def train_vae(cfg: VAETrainConfig, perceptual_net: nn.Module | None = None, progress: bool = True) -> Path:
+    """Train the VAE ``cfg`` describes; resume from ``out_dir/checkpoints/latest.pt``.
+
+    Writes into ``cfg.out_dir`` (rank 0): ``config.yaml``; ``checkpoints/latest.pt`` (step, config,
+    weights, EMA weights, optimizer; atomic) every ``save_every`` steps and at the end;
+    ``samples/step_XXXXXXX.png`` reconstruction grids of the EMA weights (originals on top);
+    ``metrics.jsonl`` (a line per ``log_every`` steps); and at the end ``loss.png`` and ``vae/``,
+    the EMA VAE in diffusers format, which ``AutoencoderKL.from_pretrained``,
+    ``Autoencoder.load(out_dir / "vae")`` and every ``--vae`` read. Under torchrun each process
+    trains on its slice of the global batch (``batch_size`` x processes).
 
     Args:
         cfg: the run's configuration.
-        perceptual_net: used instead of LPIPS when given: any module mapping ``(x_rec, x)`` in
-            ``[-1, 1]`` to per-sample or scalar distances. It is moved to the device and frozen
-            (eval mode, ``requires_grad=False``) in place. Needs ``perceptual != "none"``.
+        perceptual_net: used instead of what ``cfg.perceptual`` names when given: any module mapping
+            ``(x_rec, x)`` in ``[-1, 1]`` to per-sample or scalar distances. It is moved to the
+            device and frozen (eval mode, ``requires_grad=False``) in place. Needs
+            ``perceptual != "none"``.
         progress: show the progress (a bar on a terminal, a line per interval elsewhere).
 
-    Ctrl-C finishes the current step, writes the checkpoint and raises ``KeyboardInterrupt``;
-    running again resumes.
+    Ctrl-C (or SIGTERM) finishes the current step, writes the checkpoint and raises
+    :class:`VAETrainingStopped` (a ``KeyboardInterrupt``); running again resumes.
 
     Returns:
-        The folder of the saved EMA VAE (``out_dir/vae``).
+        The folder of the saved VAE (``out_dir/vae``).
     """
     if perceptual_net is not None and cfg.perceptual == "none":
         raise ConfigError("perceptual: is 'none', but a perceptual network was passed; set "
-                          "perceptual: lpips (the network replaces LPIPS) or pass none")
-    device = _device(cfg.device)
-    with lock_run_dir(cfg.out_dir, "finetune-vae"):  # one writer at a time
-        return _finetune(cfg, perceptual_net, progress, device)
-
-
-def _finetune(cfg: VAEFinetuneConfig, perceptual_net: nn.Module | None, progress: bool,
-              device: torch.device) -> Path:
-    """The body of :func:`finetune_vae`, run while holding the output folder's lock."""
+                          "perceptual: lpips (the network replaces it) or pass none")
+    dist, device = distributed.init(cfg.device)
     out = Path(cfg.out_dir)
-    checkpoints = Checkpoints(out / "checkpoints", require=("step", "vae", "ema", "optimizer"))
-    remove_stale_temps(out)
-    remove_stale_temps(checkpoints.folder)
-    with atomic_open(out / "config.yaml", "w") as f:
-        f.write(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    learner, latent_shape = _learner(cfg, device, checkpoints.latest)
-    perceptual_net = _perceptual(cfg, perceptual_net, device)
-    dataset = ImageFolder(cfg.images, cfg.image_size, channels=3, center_crop=True)
-    grid_x = torch.stack([dataset[i][0] for i in range(min(_GRID_IMAGES, len(dataset)))]).to(device)
-    _resume(learner, checkpoints, cfg, device)
-    metrics = MetricsLog(out / "metrics.jsonl")
-    metrics.resume(learner.step)
-    batches = StreamLoader(dataset, BatchStream(len(dataset), cfg.batch_size, cfg.seed), learner.step,
-                           cfg.num_workers)
-    step_loss = _StepLoss(cfg, learner.model, batches, latent_shape, perceptual_net)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir: {out} exists and is not a folder")
+    with lock_run_dir(out, "train-vae"):  # one writer at a time
+        return _VAERun(cfg, perceptual_net, progress, dist, device).fit()
 
-    def save() -> None:
-        checkpoints.write({"step": learner.step, "config": dataclasses.asdict(cfg), **learner.state_dict()})
 
-    learner.model.train()
-    with progress_bar(progress, cfg.steps, learner.step, "finetune vae") as bar, \
-            StopOnInterrupt() as interrupt:
-        while learner.step < cfg.steps:
-            loss, grad_norm = learner.train_step(step_loss)
-            step = learner.step
-            metrics.append({"step": step, "loss": loss, "grad_norm": grad_norm, "time": time.time(),
-                            **step_loss.terms})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", recon=f"{step_loss.terms['recon']:.4f}")
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                _reconstruction_grid(learner.ema.model, grid_x, out / "samples" / f"step_{step:07d}.png")
-            if cfg.save_every and step % cfg.save_every == 0:
-                save()
-            if interrupt.requested and step < cfg.steps:
-                save()
-                raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint written to "
-                                        f"{checkpoints.latest}; run again to resume")
-    save()
-    vae_dir = out / "vae"
-    learner.ema.model.save_pretrained(vae_dir)
-    print(f"done: {learner.step} steps; fine-tuned (EMA) VAE in {vae_dir}", flush=True)
-    return vae_dir
+def finetune_vae(cfg: VAEFinetuneConfig, perceptual_net: nn.Module | None = None,
+                 progress: bool = True) -> Path:
+    """Fine-tune ``cfg.vae`` on ``cfg.images``: :func:`train_vae` of
+    :meth:`VAEFinetuneConfig.to_train_config` (same outputs, same resume; the decoder only unless
+    ``train_encoder``; the saved VAE is the EMA copy and keeps its scaling_factor)."""
+    return train_vae(cfg.to_train_config(), perceptual_net, progress)
 
 
 # ----------------------------------------------------------------------------------------------
