@@ -5,7 +5,7 @@
     flowmatch info CONFIG [key=value ...]
     flowmatch export RUN --out DIR [--raw] [--push-to-hub OWNER/NAME]
     flowmatch encode-latents --vae ID_OR_DIR --images DIR --out STORE [--flip]
-    flowmatch finetune-vae CONFIG [key=value ...]
+    flowmatch train-vae CONFIG [key=value ...]  /  flowmatch finetune-vae CONFIG [key=value ...]
     flowmatch recon --vae DIR --images DIR [--out recon.png]
     flowmatch reflow|distill TEACHER --out DIR [--pairs N] [--nfe K]
     flowmatch eval fid --samples DIR --ref DIR_OR_NPZ [--extractor inception|digits]
@@ -13,7 +13,7 @@
     flowmatch eval nll RUN_DIR_OR_CHECKPOINT [--n 512] [--split test] [--divergence auto]
 
 One module a sub-command (``train``, ``sample``, ``distill`` (reflow, distill), ``latents``
-(encode-latents), ``vae`` (finetune-vae, recon), ``eval``, ``info``), each with
+(encode-latents), ``vae`` (train-vae, finetune-vae, recon), ``eval``, ``info``), each with
 ``add_parser(subparsers)``, which registers its ``run(args) -> int`` as the parser's handler;
 what they share is in :mod:`flowmatch.cli.common`.
 

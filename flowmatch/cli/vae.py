@@ -1,4 +1,6 @@
-"""``flowmatch finetune-vae CONFIG`` and ``flowmatch recon``: fine-tune a VAE, check its reconstructions."""
+"""``flowmatch train-vae CONFIG``, ``flowmatch finetune-vae CONFIG`` and ``flowmatch recon``: train a
+VAE (from scratch or from a pretrained one), fine-tune a pretrained one's decoder, check its
+reconstructions."""
 
 from __future__ import annotations
 
@@ -12,13 +14,31 @@ from flowmatch.cli.common import (
     add_device,
     add_no_progress,
     add_vae_input,
+    training_exit_code,
 )
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers) -> None:
-    """Adds ``finetune-vae`` and then ``recon``."""
+    """Adds ``train-vae``, ``finetune-vae`` and then ``recon``."""
+    tv = add_command(subparsers, "train-vae", help="train an AutoencoderKL (from scratch or a pretrained one)",
+                     description=(
+                         "Train a diffusers AutoencoderKL on the digits or an image folder (data.kind):\n"
+                         "reconstruction (l1 | mse) + KL + an optional perceptual term, EMA, resumable\n"
+                         "checkpoints, reconstruction grids, metrics.jsonl and loss.png in OUT_DIR.\n"
+                         "vae: \"\" builds a new VAE from the config's architecture fields and sets its\n"
+                         "scaling_factor to 1 / std of its posterior means; vae: ID_OR_DIR starts from a\n"
+                         "pretrained one (train_encoder: false trains the decoder only). Under torchrun\n"
+                         "each process takes its slice of the global batch (batch_size x processes).\n"
+                         "The VAE is saved with save_pretrained in OUT_DIR/vae: pass --vae OUT_DIR/vae\n"
+                         "to encode-latents, recon, sample. Re-running the same command resumes."))
+    add_config_args(tv, "YAML file (see configs/digits_vae.yaml)",
+                    "dotted overrides, e.g. steps=200 data.image_size=16 block_out_channels=[32,64]")
+    tv.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    add_no_progress(tv)
+    tv.set_defaults(handler=run)
+
     fv = add_command(subparsers, "finetune-vae", help="fine-tune an AutoencoderKL's decoder on your images",
                      description="Fine-tune a VAE (reconstruction + KL + perceptual loss, EMA, "
                                  "resumable checkpoints); the result is saved with save_pretrained "
@@ -38,22 +58,57 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return _recon(args) if args.command == "recon" else _finetune(args)
+    if args.command == "recon":
+        return _recon(args)
+    return _train(args) if args.command == "train-vae" else _finetune(args)
+
+
+def _dump(cfg) -> str:
+    import yaml
+
+    from flowmatch.config import config_to_dict
+
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from flowmatch.config import load_dataclass
+    from flowmatch.training.vae import VAETrainConfig
+
+    cfg = load_dataclass(VAETrainConfig, args.config, args.overrides)
+    if args.dry_run:
+        print(_dump(cfg), end="")
+        return EXIT_OK
+    return _fit(cfg, args.no_progress, "trained")
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from flowmatch.config import config_to_dict, load_dataclass
-    from flowmatch.training.vae import VAEFinetuneConfig, finetune_vae
+    from flowmatch.config import load_dataclass
+    from flowmatch.training.vae import VAEFinetuneConfig
 
     cfg = load_dataclass(VAEFinetuneConfig, args.config, args.overrides)
     if args.dry_run:
-        import yaml
-
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        print(_dump(cfg), end="")
         return EXIT_OK
-    out = finetune_vae(cfg, progress=not args.no_progress)
-    print(f"fine-tuned VAE saved to {out}")
-    return EXIT_OK
+    return _fit(cfg.to_train_config(), args.no_progress, "fine-tuned")
+
+
+def _fit(cfg, no_progress: bool, what: str) -> int:
+    """``train_vae(cfg)`` -> exit code: 0 done, 1 diverged, 130 / 143 stopped by Ctrl-C / SIGTERM
+    after writing the checkpoint (running again resumes)."""
+    from flowmatch import distributed
+    from flowmatch.training.vae import VAETrainingStopped, train_vae
+
+    def fit() -> str:
+        try:
+            out = train_vae(cfg, progress=not no_progress)
+        except VAETrainingStopped as stopped:
+            distributed.print0(stopped)
+            return stopped.status
+        distributed.print0(f"{what} VAE saved to {out}")
+        return "finished"
+
+    return training_exit_code(fit)
 
 
 def _recon(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from flowmatch.cli import build_parser, distill, export, info, latents, sample, 
 from flowmatch.cli import eval as evaluate
 
 COMMANDS = {"train": train, "sample": sample, "reflow": distill, "distill": distill,
-            "encode-latents": latents, "finetune-vae": vae, "recon": vae, "eval": evaluate,
+            "encode-latents": latents, "train-vae": vae, "finetune-vae": vae, "recon": vae, "eval": evaluate,
             "export": export, "info": info}
 
 
@@ -26,7 +26,7 @@ def _every_parser(p, name="flowmatch"):
 
 def test_sub_commands_in_order_each_handled_by_its_module():
     subs = _subparsers(build_parser())
-    assert list(subs) == ["train", "sample", "reflow", "distill", "encode-latents", "finetune-vae",
+    assert list(subs) == ["train", "sample", "reflow", "distill", "encode-latents", "train-vae", "finetune-vae",
                           "recon", "eval", "export", "info"]
     for name, module in COMMANDS.items():
         assert subs[name].get_default("handler") is module.run, name
