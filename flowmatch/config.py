@@ -201,6 +201,9 @@ class TrainConfig:
     # meanflow: the average velocity u(z_t, t, r), for 1- and 2-step sampling (settings: meanflow)
     objective: str = "flow"
     meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)  # objective meanflow only
+    # objective flow only: weight of LightningDiT's velocity direction term, added to the MSE:
+    # loss = mean ||v - u||^2 + cosine_weight * mean_i (1 - cos(v_i, u_i)), rows flattened; 0 = off
+    cosine_weight: float = 0.0
     init_from: str = ""  # checkpoint / run dir whose EMA weights start a fresh run ("" = random init)
     log_every: int = 50  # steps between metric lines in metrics.jsonl
     sample_every: int = 500  # steps between EMA sample grids; 0 disables
@@ -411,6 +414,9 @@ def _validate_train(t: TrainConfig) -> None:
           "must be auto, no, bf16 or fp16")
     _need(t.objective in ("flow", "segments", "meanflow"), "train.objective",
           f"unknown objective {t.objective!r} (valid: flow, segments, meanflow)")
+    _need(t.cosine_weight >= 0, "train.cosine_weight", "must be >= 0 (0: off)")
+    _need(t.cosine_weight == 0 or t.objective == "flow", "train.cosine_weight",
+          f"the direction term applies to objective flow only, not {t.objective}; set it to 0")
     m = t.meanflow
     _need(0.0 <= m.equal_fraction <= 1.0, "train.meanflow.equal_fraction", "must be in [0, 1]")
     _need(m.adaptive_power >= 0, "train.meanflow.adaptive_power", "must be >= 0 (0: plain MSE)")

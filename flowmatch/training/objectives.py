@@ -5,7 +5,8 @@ they differ in the input ``x_t`` and the target:
 
 * flow matching (:class:`FlowMatching`): on the path, ``x_t = alpha_t x1 + sigma_t x0`` and
   ``target = u_t = d_alpha_t x1 + d_sigma_t x0`` (rectified flow: ``x_t = t x1 + (1 - t) x0``,
-  ``u_t = x1 - x0``); reflow is this objective on a teacher's (noise, sample) pairs;
+  ``u_t = x1 - x0``); reflow is this objective on a teacher's (noise, sample) pairs. Its loss may add
+  LightningDiT's direction term (:func:`velocity_loss`, ``train.cosine_weight``);
 * segment distillation (:class:`SegmentDistillation`): on a teacher's trajectory recorded at
   ``t_0 = 0 < ... < t_K = 1``, a segment ``j`` per row, ``x_t = x(t_j)``, ``t = t_j`` and
   ``target = (x(t_{j+1}) - x(t_j)) / (t_{j+1} - t_j)``, the secant: K Euler steps of the student then
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowmatch.flow.paths import AffinePath, build_path
@@ -32,6 +34,8 @@ from flowmatch.training.batches import STREAM_MEANFLOW, STREAM_SEGMENT, Batch, s
 
 __all__ = [
     "velocity_mse",
+    "cosine_distance",
+    "velocity_loss",
     "adaptive_mse",
     "FlowMatching",
     "SegmentDistillation",
@@ -48,6 +52,35 @@ __all__ = [
 def velocity_mse(v: Tensor, target: Tensor) -> Tensor:
     """``mean || v - target ||^2`` over every element, in float32 (``v`` may come out of autocast)."""
     return (v.float() - target).pow(2).mean()
+
+
+def cosine_distance(v: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
+    """``mean_i (1 - cos(v_i, target_i))``: the direction error of ``v`` (B, ...) per row ``i``,
+    each row flattened, in float32.
+
+    ``cos(a, b) = <a, b> / (max(||a||, eps) max(||b||, eps))``
+    (``torch.nn.functional.cosine_similarity``), so a zero row gives ``cos = 0`` and a finite
+    gradient. The gradient in ``v_i`` is orthogonal to ``v_i`` (the term ignores its length) and
+    grows as ``1 / ||v_i||``: near a zero prediction (a zero-initialised output layer, as DiT's)
+    it is large, which gradient clipping (``train.grad_clip``) keeps in check.
+    """
+    v, target = v.float().flatten(1), target.float().flatten(1)  # (B, D)
+    return (1.0 - F.cosine_similarity(v, target, dim=1, eps=eps)).mean()
+
+
+def velocity_loss(v: Tensor, target: Tensor, cosine_weight: float = 0.0) -> Tensor:
+    """The flow-matching loss of ``v`` (B, ...) against ``target`` (B, ...), in float32::
+
+        loss = mean || v - target ||^2 + cosine_weight * mean_i (1 - cos(v_i, target_i))
+
+    The second term is LightningDiT's velocity direction loss (Yao et al. 2025, "Reconstruction
+    vs. Generation"), here over each row's flattened elements (:func:`cosine_distance`). With
+    ``cosine_weight = 0`` this is :func:`velocity_mse` itself, the same operations.
+    """
+    mse = velocity_mse(v, target)
+    if cosine_weight == 0.0:
+        return mse
+    return mse + cosine_weight * cosine_distance(v, target)
 
 
 class FlowMatching:
@@ -91,7 +124,7 @@ class FlowMatchingLoss:
 
         x0 ~ N(0, I),  t ~ time_sampler,  x0 <- x0[coupling(x0, x1, y)]   (if a coupling is given)
         (x_t, u_t) = path.sample(x0, x1, t)
-        loss = mean || model(x_t, t, y) - u_t ||^2
+        loss = mean || model(x_t, t, y) - u_t ||^2  [+ cosine_weight * mean_i (1 - cos(v_i, u_i))]
 
     Args:
         path: the probability path (default: the linear / rectified-flow path,
@@ -102,6 +135,7 @@ class FlowMatchingLoss:
             :class:`flowmatch.flow.coupling.ExactCoupling`); None keeps independent pairs. To take
             the assignment off the training step, use :class:`flowmatch.training.CoupledBatches`
             and pass its ``x0``.
+        cosine_weight: weight of LightningDiT's direction term (:func:`velocity_loss`); 0: off.
 
     Call: ``loss(model, x1, y=None, generator=None, x0=None)``: ``x1`` (B, *shape) data, ``y`` (B,)
     labels or None; ``generator`` seeds the noise and the times (drawn on its device, then moved to
@@ -110,10 +144,13 @@ class FlowMatchingLoss:
     """
 
     def __init__(self, path: AffinePath | None = None, time_sampler: Callable[..., Tensor] | None = None,
-                 coupling: Callable[..., Tensor] | None = None):
+                 coupling: Callable[..., Tensor] | None = None, cosine_weight: float = 0.0):
+        if not cosine_weight >= 0.0:
+            raise ValueError(f"cosine_weight must be >= 0, got {cosine_weight}")
         self.path = path if path is not None else build_path("linear")
         self.time_sampler = time_sampler if time_sampler is not None else UniformTime()
         self.coupling = coupling
+        self.cosine_weight = cosine_weight
 
     def __call__(self, model: nn.Module, x1: Tensor, y: Tensor | None = None,
                  generator: torch.Generator | None = None, x0: Tensor | None = None) -> Tensor:
@@ -126,7 +163,7 @@ class FlowMatchingLoss:
         t = self.time_sampler(n, generator=generator, device=x1.device)
         sample = self.path.sample(x0, x1, t)
         v = model(sample.x_t, t) if y is None else model(sample.x_t, t, y)
-        return velocity_mse(v, sample.u_t)
+        return velocity_loss(v, sample.u_t, self.cosine_weight)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ The loop composes three pieces (t = 0 is noise, t = 1 is data)::
                                              (prefetched in a thread), or a teacher's pair store
     (x_t, t, target) = objective(batch)      flowmatch.training.objectives: flow matching
                                              (x_t, u_t from the path) or segment distillation
-    loss = mean || model(x_t, t, y) - target ||^2
+    loss = mean || model(x_t, t, y) - target ||^2   [+ train.cosine_weight * mean (1 - cos)]
     learner.train_step(...)                  flowmatch.training.loop: AdamW, warm-up + cosine LR,
                                              accumulation, clipping, AMP, EMA
 
@@ -81,7 +81,8 @@ from flowmatch.training.objectives import (
     MeanFlow,
     MeanFlowSettings,
     SegmentDistillation,
-    velocity_mse,
+    cosine_distance,
+    velocity_loss,
 )
 
 __all__ = [
@@ -228,6 +229,7 @@ class Trainer:
         self._source = None  # the batch source of the running fit()
         self._run: Run | None = None  # the sampling view of this run (built on first use)
         self._vae_failed = False  # the latent grids' VAE could not be loaded: grids stay latents
+        self._cosine_terms: list[torch.Tensor] = []  # train.cosine_weight > 0: since the last log line
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -408,7 +410,10 @@ class Trainer:
             return self.objective.loss(u, rows.target)
         with autocast(self.amp_dtype, self.device):
             v = self.ddp_model(x_t, t, y)  # (B, *data_shape)
-        return velocity_mse(v, target)
+        weight = self.cfg.train.cosine_weight
+        if weight > 0:  # the direction term's value, for the "cosine" metric (no gradient, no sync)
+            self._cosine_terms.append(cosine_distance(v.detach(), target))
+        return velocity_loss(v, target, weight)
 
     def _train_step(self, source) -> tuple[float, float]:
         """One optimizer step over ``grad_accum`` micro-steps of ``source``; (loss, grad norm)."""
@@ -490,9 +495,13 @@ class Trainer:
             mean_loss, speed = window.close(step, self.images_per_step)
             lr = self.optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+            extra = {}
+            if self._cosine_terms:  # mean 1 - cos(v, u) over the micro-steps and processes since
+                terms, self._cosine_terms = torch.stack(self._cosine_terms), []  # the last line
+                extra["cosine"] = float(distributed.all_reduce_mean(terms.mean()))
             if self.dist.is_main:
                 record = {"step": step, "loss": mean_loss, "last_loss": loss, "lr": lr,
-                          "grad_norm": grad_norm, "samples_per_s": speed, "time": time.time()}
+                          "grad_norm": grad_norm, "samples_per_s": speed, "time": time.time(), **extra}
                 self.metrics.append(record)
                 if self.tensorboard is not None:
                     self.tensorboard.scalars(record)
