@@ -301,3 +301,39 @@ def test_digits_protocol_classifier_is_cached(tmp_path):
     assert not first["cached"] and second["cached"] and first["path"] == second["path"]
     assert second["test_accuracy"] == first["test_accuracy"] and second["steps"] == 2
     assert "trained" in lines[0] and "loaded" in lines[1]
+
+
+def test_dit_knobs_quick_run(tmp_path, capsys):
+    """--quick end to end in one process: every variant at equal steps, the baseline's second seed,
+    equal-seconds steps by the 3 % rule (a run only where they differ), verdicts, the JSON."""
+    bench = _load("dit_knobs")
+    assert bench.equal_seconds_steps(100, {"baseline": 1.0, "a": 1.02, "b": 1.25, "c": 0.96}) == {
+        "baseline": 100, "a": 100, "b": 80, "c": 104}
+    out_json = tmp_path / "knobs.json"
+    result = bench.main(["--quick", "--jobs", "1", "--json", str(out_json)])
+    assert json.loads(out_json.read_text())["table"] == result["table"]
+    steps, sps = result["protocol"]["steps"], result["seconds_per_step"]
+    names = [v.name for v in bench.VARIANTS]
+    assert set(sps) == set(names) == set(result["equal_seconds_steps"])
+    runs = {(m["variant"], m["budget"], m["seed"]): m for m in result["models"]}
+    for name in names:
+        assert runs[(name, "equal steps", 0)]["steps"] == steps
+        ratio = sps["baseline"] / sps[name]
+        expected = max(round(steps * ratio), 1) if abs(1 / ratio - 1) > 0.03 else steps
+        assert result["equal_seconds_steps"][name] == expected
+        assert ((name, "equal seconds", 0) in runs) == (expected != steps)
+        if expected != steps:
+            assert runs[(name, "equal seconds", 0)]["steps"] == expected
+    assert runs[("baseline", "equal steps", 1)]["steps"] == steps
+    assert len(result["models"]) == len(names) + 1 + sum(k != steps for k in result["equal_seconds_steps"].values())
+    for m in result["models"]:
+        assert [r["scale"] for r in m["rows"]] == [1.0, 2.0]
+        assert all(np.isfinite(r["fid"]) and 0 <= r["accuracy"] <= 1 for r in m["rows"])
+        assert np.isfinite(m["final_mse"])
+    assert len(result["spread"]) == 2 and all(s >= 0 for s in result["spread"])
+    words = {"helps", "hurts", "within spread"}
+    assert set(result["verdicts"]) == set(names[1:])
+    assert all(set(v["equal steps"] + v["equal seconds"]) <= words for v in result["verdicts"].values())
+    lines = result["table"].splitlines()
+    assert "verdict equal s" in lines[0] and len(lines) == 2 + len(names) + 1
+    assert "baseline (seed 1)" in capsys.readouterr().out
