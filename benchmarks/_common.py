@@ -6,19 +6,21 @@ Not a script: the scripts import it as ``_common`` (run as ``python benchmarks/N
 
 Protocol pieces: the trained-model record, a run through our ``Trainer``, the peers' training loop
 and their (x_t, u_t) constructions, the samplers of the three libraries (each counting network
-calls), the variants shared by both protocols, the (solver, NFE) evaluation loop, the options
-``--nfe``, ``--seed``, ``--eval-seed`` and the JSON output. Time convention everywhere: t = 0 is the
-noise x0 ~ N(0, I), t = 1 the data.
+calls), the variants shared by both protocols, the (solver, NFE) evaluation loop, jobs run side by
+side in spawned processes, the options ``--nfe``, ``--seed``, ``--eval-seed`` and the JSON output.
+Time convention everywhere: t = 0 is the noise x0 ~ N(0, I), t = 1 the data.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import hashlib
 import importlib.metadata
 import io
 import json
+import multiprocessing
 import os
 import platform
 import time
@@ -384,6 +386,23 @@ def evaluate(variant: Variant, trained: Trained, x0: torch.Tensor, nfes: Iterabl
             log(f"  {variant.name} {method} NFE {nfe}: failed ({cell['error']})")
         cells.append(cell)
     return cells
+
+
+def run_jobs(fn: Callable, jobs: list, processes: int) -> list:
+    """``[fn(job) for job in jobs]``, in that order, computed in ``processes`` processes side by side.
+
+    ``processes`` <= 1 (or a single job): here, one job after the other. Else a pool of spawned
+    workers (spawn, not fork: no worker inherits torch's thread pools), which take the jobs in list
+    order as they become free -- put the longest first. ``fn`` and the jobs are pickled: ``fn`` must
+    be a top-level function of a module the workers can import (a script run as ``python
+    benchmarks/NAME.py`` is re-imported as ``__mp_main__``; one loaded under another name, as the
+    tests do, is not: keep ``processes`` at 1 there). Each worker sets its own torch threads.
+    """
+    if processes <= 1 or len(jobs) <= 1:
+        return [fn(job) for job in jobs]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(processes, len(jobs)), mp_context=context) as pool:
+        return list(pool.map(fn, jobs))
 
 
 def method_result(variant: Variant, trained: Trained, steps: int, train_wall: float, cells: list[dict],

@@ -243,7 +243,9 @@ def test_toy2d_protocol_metrics():
 
 
 def test_digits_protocol_quick_run(tmp_path, capsys, monkeypatch):
-    """--quick end to end: every variant trains or is skipped with its reason; tables and JSON."""
+    """--quick end to end in one process: every variant trains or is skipped with its reason, the
+    MeanFlow variant and the second seed of flowmatch included; tables, trained flags, the seed
+    spread, issue 12's targets and the JSON."""
     bench = _load("digits_protocol")
     # A variant whose config our Trainer rejects is skipped with the reason; the run goes on.
     broken = bench.Variant("flowmatch-typo", bench._ours(["train.no_such_option=1"]), bench.common.sample_ours,
@@ -252,44 +254,80 @@ def test_digits_protocol_quick_run(tmp_path, capsys, monkeypatch):
     out_json, work = tmp_path / "digits.json", tmp_path / "work"
     results = bench.main(["--quick", "--json", str(out_json), "--work-dir", str(work)])
     printed = capsys.readouterr().out
-    assert "### Training: 30 steps x batch 16" in printed
+    assert "### Training: 30 steps x batch 16, 1 thread(s) x 1 process(es)" in printed
     assert "### FID of 64 images vs the train split (1438)" in printed
     assert "| floor: 64 real test images |" in printed
+    assert "### Issue 12 targets (flowmatch-meanflow)" in printed and "seed-to-seed spread of flowmatch" in printed
 
     saved = json.loads(out_json.read_text())
     assert saved["protocol"] == results["protocol"]
-    assert saved["protocol"]["steps"] == 30 and saved["protocol"]["n"] == 64
+    assert saved["protocol"]["steps"] == 30 and saved["protocol"]["n"] == 64 and saved["protocol"]["jobs"] == 1
+    assert saved["protocol"]["nfes"] == [4, 8] and saved["protocol"]["jump_nfes"] == [1, 2, 4]
     assert {"cpu_model", "threads", "torch", "packages"} <= set(saved["machine"])
     assert saved["n_reference"] == 1438 and saved["floor"]["n"] == 64 and saved["floor"]["fid"] > 0
     assert (work / "digits_classifier_16px_10steps.pt").is_file()  # cached for the next run
-    methods = saved["methods"]
+    methods, floor = saved["methods"], saved["floor"]["fid"]
     assert list(methods) == list(bench.VARIANTS)
     assert methods["flowmatch-typo"]["status"] == "skipped"
     assert "train.no_such_option" in methods["flowmatch-typo"]["reason"]
-    for name in ("flowmatch", "flowmatch-ot", *_installed_peers(methods)):
+    for name in ("flowmatch", "flowmatch-ot", "flowmatch-meanflow", *_installed_peers(methods)):
         method = methods[name]
         assert method["status"] == "ok", method.get("reason")
-        assert method["train"]["s_per_1k_steps"] > 0
+        assert method["train"]["s_per_1k_steps"] > 0 and method["seed"] == 0
         assert {c["solver"] for c in method["cells"]} >= {"euler", "midpoint", bench.ADAPTIVE}
         for cell in method["cells"]:
             assert "error" not in cell, (name, cell)
             if cell["solver"] == bench.ADAPTIVE:
                 assert cell["nfe"] > 0 and cell["nfe_budget"] is None
             else:  # every solver's NFE is counted and must match the budget
-                assert cell["nfe"] == cell["nfe_budget"] == 8
+                assert cell["nfe"] == cell["nfe_budget"] in ((1, 2, 4) if cell["solver"] == "meanflow" else (4, 8))
             assert cell["finite"] and cell["fid"] > 0 and cell["n"] == 64
             assert 0 <= cell["precision"] <= 1 and 0 <= cell["recall"] <= 1
+        # trained = dopri5 FID within 2 x the floor; 30 steps of a tiny U-Net are not
+        adaptive = next(c["fid"] for c in method["cells"] if c["solver"] == bench.ADAPTIVE)
+        assert method["trained"] == {"adaptive_fid": adaptive, "floor_fid": floor, "ratio": adaptive / floor,
+                                     "factor": 2.0, "trained": False}
+    assert f"{name}: " in printed and "trained: no (dopri5 FID" in printed
     # Same data, noise, times, init, optimizer and EMA: the three independent-coupling trainings are
     # the same computation (t = 0 is the noise in all three), so losses and samples coincide.
-    def fids(name):
-        return {c["solver"]: c["fid"] for c in methods[name]["cells"] if c["solver"] in ("euler", "midpoint")}
+    def fids(name, solvers=("euler", "midpoint")):
+        return {(c["solver"], c["nfe_budget"]): c["fid"] for c in methods[name]["cells"] if c["solver"] in solvers}
     distilled = methods["flowmatch-ot-distill"]
     assert distilled["status"] == "ok", distilled.get("reason")
-    assert [(c["solver"], c["nfe"]) for c in distilled["cells"]] == [("euler", 8)]
+    assert [(c["solver"], c["nfe"]) for c in distilled["cells"]] == [("euler", 8)] and distilled["trained"] is None
     for peer in {"torchcfm-cfm", "fm-condot"} & set(_installed_peers(methods)):
         assert methods[peer]["train"]["mean_loss"] == pytest.approx(methods["flowmatch"]["train"]["mean_loss"],
                                                                    rel=1e-5)
         assert fids(peer) == pytest.approx(fids("flowmatch"), rel=1e-4)
+    # MeanFlow: K jumps at K = 1, 2, 4, every solver of ours at NFE 4 and 8 on u(z, t, t), dopri5
+    assert {(c["solver"], c["nfe_budget"]) for c in methods["flowmatch-meanflow"]["cells"]} == {
+        ("meanflow", 1), ("meanflow", 2), ("meanflow", 4), (bench.ADAPTIVE, None),
+        *((s, n) for s in bench.OUR_SOLVERS for n in (4, 8))}
+    # The second seed of flowmatch: another training, and the spread |FID(0) - FID(1)| of every cell
+    second = saved["seed_runs"]["flowmatch-seed1"]
+    assert second["status"] == "ok" and second["seed"] == 1 and second["trained"]["trained"] is False
+    first_fids, second_fids = fids("flowmatch", bench.OUR_SOLVERS), {
+        (c["solver"], c["nfe_budget"]): c["fid"] for c in second["cells"] if c["solver"] in bench.OUR_SOLVERS}
+    assert first_fids != second_fids
+    spread = saved["spread"]
+    assert spread["variant"] == "flowmatch" and spread["seeds"] == [0, 1]
+    assert len(spread["cells"]) == len(methods["flowmatch"]["cells"]) == 13  # 6 solvers x 2 NFE + dopri5
+    for cell in spread["cells"]:
+        if cell["solver"] != bench.ADAPTIVE:
+            key = (cell["solver"], cell["nfe_budget"])
+            assert cell["fids"] == {"0": first_fids[key], "1": second_fids[key]}
+        assert cell["spread"] == pytest.approx(abs(cell["fids"]["0"] - cell["fids"]["1"]))
+    assert spread["max"] == max(c["spread"] for c in spread["cells"])
+    # Issue 12's targets against the best other variant at NFE 4 and 8, and the cost ratio
+    others = [m for k, m in methods.items() if k != "flowmatch-meanflow" and m["status"] == "ok"]
+    best = {nfe: min(c["fid"] for m in others for c in m["cells"] if c["nfe_budget"] == nfe) for nfe in (4, 8)}
+    mine = {(c["solver"], c["nfe_budget"]): c["fid"] for c in methods["flowmatch-meanflow"]["cells"]}
+    ratio = methods["flowmatch-meanflow"]["train"]["s_per_1k_steps"] / methods["flowmatch"]["train"]["s_per_1k_steps"]
+    targets = saved["meanflow_targets"]
+    assert [(t["value"], t["threshold"], t["met"]) for t in targets] == [
+        (mine["meanflow", 1], best[4], mine["meanflow", 1] <= best[4]),
+        (mine["meanflow", 2], best[8], mine["meanflow", 2] <= best[8]),
+        (pytest.approx(ratio), 2.0, ratio <= 2.0)]
 
 
 def test_digits_protocol_classifier_is_cached(tmp_path):
@@ -301,6 +339,62 @@ def test_digits_protocol_classifier_is_cached(tmp_path):
     assert not first["cached"] and second["cached"] and first["path"] == second["path"]
     assert second["test_accuracy"] == first["test_accuracy"] and second["steps"] == 2
     assert "trained" in lines[0] and "loaded" in lines[1]
+
+
+def test_digits_protocol_units_spread_and_flags():
+    """The units the --jobs processes take (the distillation after its teacher, the costliest
+    first, the extra seed), the seed spread and the trained flag, on hand-made numbers."""
+    bench = _load("digits_protocol")
+    p = bench.PROTOCOL
+    units = [[(r.key, r.variant, r.seed) for r in unit] for unit in bench.plan_units(list(bench.VARIANTS), p)]
+    assert units == [
+        [("flowmatch-ot", "flowmatch-ot", 0), ("flowmatch-ot-distill", "flowmatch-ot-distill", 0)],
+        [("flowmatch-meanflow", "flowmatch-meanflow", 0)],
+        [("flowmatch", "flowmatch", 0)], [("torchcfm-cfm", "torchcfm-cfm", 0)],
+        [("torchcfm-otcfm", "torchcfm-otcfm", 0)], [("fm-condot", "fm-condot", 0)],
+        [("flowmatch-seed1", "flowmatch", 1)]]
+    # every selected run exactly once; the distillation alone trains its own teacher
+    assert [[r.key for r in u] for u in bench.plan_units(["flowmatch-ot-distill"], p)] == [
+        ["flowmatch-ot-distill"], ["flowmatch-seed0"], ["flowmatch-seed1"]]
+    assert [[r.key for r in u] for u in bench.plan_units(["fm-condot"], bench.replace(p, spread_seeds=(0,)))] == [
+        ["fm-condot"]]
+    assert [r.key for r in bench.spread_runs(["flowmatch"], bench.replace(p, seed=1))] == ["flowmatch-seed0"]
+
+    def method(fids):
+        return {"status": "ok", "cells": [{"solver": s, "nfe_budget": n, "fid": f} for (s, n), f in fids.items()]}
+    spread = bench.seed_spread({0: method({("euler", 4): 10.0, ("dopri5", None): 6.0}),
+                                1: method({("euler", 4): 12.5, ("dopri5", None): 5.5}),
+                                2: {"status": "skipped", "reason": "x"}})
+    assert spread["seeds"] == [0, 1] and spread["max"] == 2.5
+    assert [(c["solver"], c["spread"]) for c in spread["cells"]] == [("euler", 2.5), ("dopri5", 0.5)]
+    assert bench.seed_spread({0: method({("euler", 4): 1.0})}) is None
+    floor = 5.0
+    assert bench.trained_flag(method({("dopri5", None): 9.9})["cells"], floor)["trained"] is True
+    assert bench.trained_flag(method({("dopri5", None): 10.1})["cells"], floor)["trained"] is False
+    assert bench.trained_flag(method({("euler", 8): 1.0})["cells"], floor) is None
+
+
+def test_digits_protocol_jobs_do_not_change_numbers(tmp_path):
+    """--jobs 2 (the script itself, two spawned workers: flowmatch at seeds 0 and 1) draws the
+    bit-identical sample sets of --jobs 1 in this process."""
+    import subprocess
+
+    bench = _load("digits_protocol")
+    args = ["--quick", "--variants", "flowmatch", "--nfe", "4", "--n", "32", "--work-dir", str(tmp_path / "work")]
+    here = bench.main([*args, "--jobs", "1", "--json", str(tmp_path / "one.json")])
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "digits_protocol.py"), *args, "--jobs", "2",
+                           "--json", str(tmp_path / "two.json")], check=False, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "1 thread(s) x 2 process(es)" in done.stdout
+    there = json.loads((tmp_path / "two.json").read_text())
+
+    def samples(result):
+        runs = {**result["methods"], **result["seed_runs"]}
+        return {(k, c["solver"], c["nfe_budget"]): (c["sample_sha256"], c["fid"]) for k, m in runs.items()
+                for c in m["cells"]}
+    assert samples(here) == samples(there) and len(samples(here)) == 2 * 7
+    assert here["spread"] == there["spread"]
 
 
 def test_dit_knobs_quick_run(tmp_path, capsys):
