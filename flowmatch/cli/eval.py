@@ -47,7 +47,9 @@ def _add_fid(metrics) -> None:
                     help="FID (+ precision/recall) of a sample folder against reference images or stats",
                     description=_FID_DESCRIPTION)
     p.add_argument("--samples", required=True, help="folder of sample PNGs")
-    p.add_argument("--ref", required=True, help="reference image folder or .npz statistics file")
+    p.add_argument("--ref", required=True,
+                   help="reference: an image folder, a .npz statistics file, or the built-in digits "
+                        "(digits:train | digits:test | digits:all, at --image-size)")
     p.add_argument("--extractor", default="inception",
                    help="feature extractor: inception (needs torch-fidelity or pytorch-fid and its "
                         "weights) | digits (a small digit classifier, see --classifier)")

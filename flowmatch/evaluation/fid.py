@@ -52,8 +52,11 @@ from flowmatch.evaluation.frechet import (
 from flowmatch.progress import Progress
 
 __all__ = [
+    "BUILTIN_REFERENCES",
     "FidSettings",
+    "builtin_reference_stats",
     "folder_stats",
+    "is_builtin_reference",
     "fid_from_folders",
     "eval_fid_main",
     # re-exported from frechet.py and features.py, where they now live
@@ -194,6 +197,8 @@ def _reference_stats(ref: Path, extractor: Extractor, image_size: int, dim: int,
     name = extractor_name(extractor)
     if ref.suffix == ".npz":
         return FeatureStats.load(ref, name, dim, image_size), ref
+    if is_builtin_reference(ref):
+        return builtin_reference_stats(str(ref), extractor, image_size, settings), ref
     cache = Path(ref_cache) if ref_cache else ref.with_name(f"{ref.name}.fid_{name}_{image_size}.npz")
     real = _cached_reference(cache, ref, name, dim, image_size)
     rank, world = _process_group()
@@ -210,6 +215,30 @@ def _reference_stats(ref: Path, extractor: Extractor, image_size: int, dim: int,
         if rank == 0:
             real.save(cache)
     return real, cache
+
+
+BUILTIN_REFERENCES = ("digits:train", "digits:test", "digits:all")
+
+
+def is_builtin_reference(ref: str | os.PathLike) -> bool:
+    """Whether ``ref`` names a built-in data set (``digits:SPLIT``) rather than a folder or file."""
+    return str(ref).startswith("digits:")
+
+
+def builtin_reference_stats(ref: str, extractor: Extractor, image_size: int,
+                            settings: FidSettings) -> FeatureStats:
+    """Feature statistics of a built-in data set named ``digits:train|test|all``: scikit-learn's
+    digits resized to ``image_size`` (:class:`~flowmatch.data.digits.Digits`, split seed 0), in
+    memory. Every rank computes them in full (1797 images at most)."""
+    from flowmatch.data.digits import Digits
+
+    if ref not in BUILTIN_REFERENCES:
+        raise ValueError(f"unknown built-in reference {ref!r}; valid: {', '.join(BUILTIN_REFERENCES)}")
+    data = Digits(image_size, split=ref.split(":", 1)[1])
+    feats = features_of(data.images, extractor, settings.batch_size)
+    return FeatureStats.from_features(feats, extractor_name(extractor), image_size,
+                                      f"{ref} (scikit-learn load_digits, {len(data)} images)",
+                                      settings.pr_samples)
 
 
 def _settings_from_old_keywords(settings: FidSettings, old: dict) -> FidSettings:
@@ -229,7 +258,8 @@ def fid_from_folders(samples_dir: str | os.PathLike, ref: str | os.PathLike, ext
 
     Args:
         samples_dir: folder of generated PNGs (a ``manifest.json`` in it is copied into the result).
-        ref: a folder of reference images, or a ``.npz`` written by ``FeatureStats.save``.
+        ref: a folder of reference images, a ``.npz`` written by ``FeatureStats.save``, or a
+            built-in data set: ``digits:train`` / ``digits:test`` / ``digits:all``.
         extractor: a callable ``(B, C, H, W) in [-1, 1] -> (B, D)``, e.g. ``build_extractor(...)``.
         image_size: images are resized to this before extraction (both sets).
         settings: batch size, and ``k`` / ``pr_samples`` of precision / recall (computed on
@@ -275,8 +305,8 @@ def fid_from_folders(samples_dir: str | os.PathLike, ref: str | os.PathLike, ext
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     result.update({
         "n_samples": fake.n, "n_reference": real.n, "extractor": name, "feature_dim": fake.dim,
-        "image_size": image_size, "samples": str(samples_dir.resolve()), "reference": str(ref.resolve()),
-        "reference_source": real.source, "reference_stats": str(cache.resolve()), "manifest": manifest,
+        "image_size": image_size, "samples": str(samples_dir.resolve()), "reference": str(ref) if is_builtin_reference(ref) else str(ref.resolve()),
+        "reference_source": real.source, "reference_stats": str(cache) if is_builtin_reference(cache) else str(cache.resolve()), "manifest": manifest,
     })
     rank, world = _process_group()
     if write_json and rank == 0:

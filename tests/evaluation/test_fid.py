@@ -67,6 +67,34 @@ def test_fid_folders_real_vs_real_small_noise_large(digits_setup):
         fid_from_folders(root / "test", root / "other.npz", net, image_size=16)
 
 
+def test_builtin_digits_reference_is_the_split_in_memory(digits_setup):
+    """--ref digits:train scores against the train split's features computed in memory: close to
+    the same split read back from 8-bit PNGs, and an unknown split is refused."""
+    from flowmatch.data.digits import Digits
+    from flowmatch.evaluation.features import features_of
+
+    root, _ = digits_setup
+    net = build_extractor("digits", weights=root / "clf.pt")
+    builtin = fid_from_folders(root / "test", "digits:train", net, image_size=16, write_json=False)
+    folder = fid_from_folders(root / "test", root / "train", net, image_size=16, write_json=False)
+    assert builtin["n_reference"] == 1438 and builtin["reference"] == "digits:train"
+    assert "load_digits" in builtin["reference_source"]
+    assert builtin["fid"] == pytest.approx(folder["fid"], rel=0.05)  # PNG rounding only
+    feats = features_of(Digits(16, "train").images, net)
+    expected = FeatureStats.from_features(feats, "digits", 16)
+    stats = evaluation_fid().builtin_reference_stats("digits:train", net, 16, FidSettings())
+    np.testing.assert_allclose(stats.mu, expected.mu, rtol=1e-12)
+    np.testing.assert_allclose(stats.sigma, expected.sigma, rtol=1e-12)
+    with pytest.raises(ValueError, match="digits:valid.*digits:train"):
+        fid_from_folders(root / "test", "digits:valid", net, image_size=16, write_json=False)
+
+
+def evaluation_fid():
+    from flowmatch.evaluation import fid
+
+    return fid
+
+
 def test_empty_folder_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):
