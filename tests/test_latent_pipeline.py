@@ -160,3 +160,32 @@ def test_unreachable_hub_id_and_missing_extra_are_one_line_errors(tmp_path, monk
     monkeypatch.setenv("FLOWMATCH_DEBUG", "1")
     with pytest.raises(ImportError):
         main(args)
+
+
+def test_the_digits_latent_recipe_script_runs_the_whole_chain(tmp_path):
+    """scripts/digits_latent_recipe.sh at smoke sizes: VAE from scratch -> store -> class-conditional
+    DiT -> guided samples (grid + folder) -> accuracy and FID files (the README's one command)."""
+    import json
+    import os
+    import subprocess
+
+    from flowmatch.evaluation.features import train_digit_classifier
+
+    root = Path(__file__).resolve().parents[1]
+    runs = tmp_path / "runs"
+    train_digit_classifier(runs / "digit_classifier.pt", steps=5)  # else the script trains it (600 steps)
+    env = {**os.environ, "RUNS": str(runs), "VAE_STEPS": "3", "DIT_STEPS": "3", "N_EVAL": "20",
+           "PROGRESS": "--no-progress", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(root / "scripts" / "digits_latent_recipe.sh")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert (runs / "digits_vae" / "vae" / "config.json").is_file()
+    assert json.loads((runs / "digits_latents" / "meta.json").read_text())["count"] == 1438
+    grid = Image.open(runs / "digits_latent_dit" / "samples_cfg.png")
+    assert grid.size[0] > 16 * 10
+    folder = runs / "digits_latent_dit" / "eval_cfg"
+    assert len(list(folder.glob("*.png"))) == 20
+    assert json.loads((folder / "manifest.json").read_text())["cfg_scale"] == 2.0
+    accuracy = json.loads((folder / "classifier_digits.json").read_text())
+    assert accuracy["n"] == 20 and 0.0 <= accuracy["accuracy"] <= 1.0
+    assert json.loads((folder / "fid_digits.json").read_text())["reference"] == "digits:train"
