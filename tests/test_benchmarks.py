@@ -397,6 +397,47 @@ def test_digits_protocol_jobs_do_not_change_numbers(tmp_path):
     assert here["spread"] == there["spread"]
 
 
+def test_digits_latent_quick_run(tmp_path, capsys):
+    """--quick end to end in one process: floors, the VAE, calibrated equal-seconds steps, every
+    (arch, conditioning) row with its guidance settings, accuracy only where conditional."""
+    bench = _load("digits_latent")
+    out_json = tmp_path / "dl.json"
+    result = bench.main(["--quick", "--jobs", "1", "--json", str(out_json), "--grids", str(tmp_path)])
+    assert json.loads(out_json.read_text())["table"] == result["table"]
+    budget = result["protocol"]["budget_seconds"]
+    for arch, seconds in result["seconds_per_step"].items():
+        steps = {m["steps"] for m in result["models"] if m["arch"] == arch}
+        assert steps == {max(int(budget / seconds), 10)}
+    assert {(m["arch"], m["cond"]) for m in result["models"]} == {
+        (a, c) for a in bench.ARCHS for c in (False, True)}
+    for m in result["models"]:
+        labels = [r["guidance"] for r in m["rows"]]
+        assert labels == ([s[0] for s in bench.GUIDED_SETTINGS] if m["cond"] else ["-"])
+        assert all(("accuracy" in r) == m["cond"] for r in m["rows"])
+        assert all(np.isfinite(r["fid"]) and r["n"] == result["protocol"]["n"] for r in m["rows"])
+    assert result["floors"]["test_split"]["n"] == 359
+    assert 0.0 <= result["floors"]["gaussian_per_class"]["accuracy"] <= 1.0
+    assert result["vae"]["steps"] == 20 and result["vae"]["psnr_test"] > 0
+    assert (tmp_path / "digits_latent_latent-dit_cond.png").is_file()
+    assert "per-class Gaussian (floor)" in capsys.readouterr().out
+
+
+def test_per_class_gaussian_floor_has_each_class_sample_covariance():
+    """The floor's samples of class c are N(mu_c, Sigma_c) with the class's sample covariance."""
+    bench = _load("digits_latent")
+    from flowmatch.data.digits import Digits
+
+    train = Digits(8, "train")
+    x, labels = bench.gaussian_per_class(train, 40000, seed=0, clamp=False)
+    assert torch.equal(labels, torch.arange(40000) % 10)
+    members = train.images[train.labels == 3].flatten(1).double()
+    drawn = x[labels == 3].flatten(1).double()
+    assert torch.allclose(drawn.mean(0), members.mean(0), atol=0.03)
+    assert torch.allclose(torch.cov(drawn.T), torch.cov(members.T), atol=0.03)
+    clamped, _ = bench.gaussian_per_class(train, 100, seed=0)
+    assert clamped.min() >= -1 and clamped.max() <= 1
+
+
 def test_dit_knobs_quick_run(tmp_path, capsys):
     """--quick end to end in one process: every variant at equal steps, the baseline's second seed,
     equal-seconds steps by the 3 % rule (a run only where they differ), verdicts, the JSON."""
