@@ -13,9 +13,10 @@ end of the interval ``[t, r]`` (``r >= t``; shaped like ``t``), by embedding ``h
 time embedder of the same kind as ``t``'s (``model.h_embedder``) added to ``t``'s embedding; ``r=None``
 means ``r = t`` (bit for bit), the instantaneous velocity ``u(x, t, t) = v(x, t)``. A freshly built
 two-time model computes what the one-time model of the same seed computes, for every ``r`` (the
-interval embedder's output layer starts at zero), and its attention avoids SDPA's fused kernels so
-that ``torch.func.jvp`` differentiates it w.r.t. ``(x, t, r)``. A model built without ``two_time`` has
-the state dict, parameters and outputs it always had, and raises ``ValueError`` if given an ``r``.
+interval embedder's output layer starts at zero); ``torch.func.jvp`` differentiates it w.r.t.
+``(x, t, r)`` under SDPA's math backend (the MeanFlow target selects it). A model built without
+``two_time`` has the state dict, parameters and outputs it always had, and raises ``ValueError`` if
+given an ``r``.
 
 To add an architecture, add one entry to ``MODEL_REGISTRY``: ``name -> (ConfigClass, ModelClass)``.
 A YAML ``model:`` section's extra keys are checked against the config class's fields.

@@ -89,8 +89,7 @@ class DiTConfig:
     #: parameter counts and state dicts match the reference); forward returns the first C, the velocity.
     learn_sigma: bool = False
     #: Condition on a second time r as well (MeanFlow's average velocity u(x, t, r)): the interval
-    #: r - t gets its own time embedder (h_embedder), added to t's before the adaLN modulations;
-    #: attention runs without SDPA, so torch.func.jvp can differentiate the model.
+    #: r - t gets its own time embedder (h_embedder), added to t's before the adaLN modulations.
     two_time: bool = False
     #: Multiplier of t (and of r - t) inside the sinusoidal time features. 1000 (the default, as the
     #: DiT reference) resolves small time differences finely; MeanFlow training differentiates the
@@ -207,7 +206,6 @@ class DiTBlock(nn.Module):
             cfg.num_heads,
             qkv_bias=cfg.qkv_bias,
             qk_norm=cfg.norm if cfg.qk_norm else None,
-            forward_ad=cfg.two_time,
         )
         self.norm2 = make_norm(cfg.norm, D, elementwise_affine=False)
         if cfg.mlp == "swiglu":

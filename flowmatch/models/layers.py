@@ -33,7 +33,6 @@ __all__ = [
     "rope_2d_angles",
     "apply_rope",
     "RotaryEmbedding2D",
-    "math_attention",
     "Attention",
     "broadcast_time",
     "check_data_shape",
@@ -450,24 +449,6 @@ class RotaryEmbedding2D(nn.Module):
 #################################################################################
 
 
-def math_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
-) -> torch.Tensor:
-    """``dropout(softmax(q k^T / sqrt(head_dim))) v`` with plain tensor ops, which all have forward-mode
-    derivatives (``torch.func.jvp``), unlike SDPA's fused kernels.
-
-    The same value as ``F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)`` up to rounding
-    (it is SDPA's math backend written out), at the cost of materialising the ``(N, N)`` weights.
-
-    Shapes: ``q, k, v (B, heads, N, head_dim) -> (B, heads, N, head_dim)``.
-    """
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, N, N)
-    weights = torch.softmax(scores, dim=-1)  # (B, heads, N, N)
-    if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)  # (B, heads, N, N)
-    return weights @ v  # (B, heads, N, head_dim)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention over the token axis, through ``F.scaled_dot_product_attention``.
 
@@ -481,10 +462,10 @@ class Attention(nn.Module):
     a rotary position embedding (applied after the norm; real ``(cos, sin)`` tables, see
     :func:`apply_rope`).
 
-    ``forward_ad=True`` computes the attention product with plain tensor ops (:func:`math_attention`,
-    the formula of SDPA's math backend) instead of SDPA, whose fused kernels (CPU flash, CUDA flash /
-    memory-efficient) have no forward-mode derivative as of torch 2.13, so ``torch.func.jvp`` could
-    not differentiate the layer. Two-time (MeanFlow) models set it: their objective is a JVP.
+    Forward-mode AD (``torch.func.jvp``) needs SDPA's math backend: the fused kernels (CPU flash, CUDA
+    flash / memory-efficient) have no forward-mode derivative as of torch 2.13. The one caller that
+    needs it, the MeanFlow target, selects that backend for its JVP alone
+    (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``); every other pass keeps the fused kernels.
 
     Args:
         dim: token width; must be divisible by ``num_heads``.
@@ -492,7 +473,6 @@ class Attention(nn.Module):
         qkv_bias: bias in the fused qkv projection.
         dropout: dropout on the attention weights, active only in training mode.
         qk_norm: ``None`` (off), ``"layernorm"`` or ``"rmsnorm"``.
-        forward_ad: use :func:`math_attention` (forward-mode AD works) instead of SDPA.
 
     Shapes: ``(B, N, dim) -> (B, N, dim)``.
     """
@@ -504,7 +484,6 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         dropout: float = 0.0,
         qk_norm: str | None = None,
-        forward_ad: bool = False,
     ):
         super().__init__()
         if dim % num_heads != 0:
@@ -512,7 +491,6 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.dropout = dropout
-        self.forward_ad = forward_ad
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         if qk_norm is not None:
             self.q_norm = make_norm(qk_norm, self.head_dim)
@@ -537,7 +515,6 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)  # 2 x (B, N, heads, head_dim)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # 3 x (B, heads, N, hd)
         dropout_p = self.dropout if self.training else 0.0
-        attend = math_attention if self.forward_ad else F.scaled_dot_product_attention
-        x = attend(q, k, v, dropout_p=dropout_p)  # (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, heads, N, head_dim)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.proj(x)  # (B, N, C)

@@ -141,15 +141,13 @@ class AttentionBlock(nn.Module):
     Each position is a token whose features are its ``C`` channels, so every output position can
     read every input position (global context that 3x3 convolutions only reach after many layers).
 
-    ``forward_ad``: see :class:`~flowmatch.models.layers.Attention` (two-time models set it).
-
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``.
     """
 
-    def __init__(self, channels: int, num_heads: int, groups: int, forward_ad: bool = False):
+    def __init__(self, channels: int, num_heads: int, groups: int):
         super().__init__()
         self.norm = group_norm(channels, groups)
-        self.attn = Attention(channels, num_heads=num_heads, forward_ad=forward_ad)
+        self.attn = Attention(channels, num_heads=num_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -233,7 +231,7 @@ class UNet(nn.Module):
 
         def attn_or_identity(level: int, ch: int) -> nn.Module:
             if level in cfg.attn_levels:
-                return AttentionBlock(ch, cfg.num_heads, cfg.groups, cfg.two_time)
+                return AttentionBlock(ch, cfg.num_heads, cfg.groups)
             return nn.Identity()
 
         # --- conditioning: time (+ class) -> one embedding shared by all res blocks ---
@@ -260,7 +258,7 @@ class UNet(nn.Module):
 
         # --- middle: attention always, at the coarsest resolution where it is cheapest ---
         self.mid_res1 = res_block(ch, ch)
-        self.mid_attn = AttentionBlock(ch, cfg.num_heads, cfg.groups, cfg.two_time)
+        self.mid_attn = AttentionBlock(ch, cfg.num_heads, cfg.groups)
         self.mid_res2 = res_block(ch, ch)
 
         # --- decoder: one more block per level than the encoder, each eating one skip ---

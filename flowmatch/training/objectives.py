@@ -251,7 +251,9 @@ def _rows(x: Tensor, ndim: int) -> Tensor:
 def _target_mode(model: nn.Module):
     """The model in eval mode (no dropout: the target is the network's mean function and draws no
     random numbers), without gradients, and with SDPA on its math backend, the one with forward-mode
-    derivatives (the fused CPU / CUDA kernels have none as of torch 2.13)."""
+    derivatives (the fused CPU / CUDA kernels have none as of torch 2.13). This is the one place that
+    picks the backend: the models always call SDPA, so every other pass (the loss's forward and
+    backward, sampling, NLL) keeps the fused kernels."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     was = model.training

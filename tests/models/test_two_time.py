@@ -4,7 +4,9 @@ A model built with its config's ``two_time: true`` embeds the interval ``h = r -
 time embedder of the same kind as ``t``'s and reads ``r=None`` as ``r = t``; a model built without it
 is the model of before (same state dict, same parameters, same outputs) and rejects an ``r``. The
 objective differentiates a two-time model with ``torch.func.jvp`` w.r.t. ``(x, t, r)``, so that must
-work for every architecture, in train mode (dropout) too, and agree with finite differences.
+work for every architecture, in train mode (dropout) too, and agree with finite differences. The models
+always attend through SDPA; forward-mode derivatives need its math backend, which the objective's
+target (``mean_velocity_target``) selects for its JVP alone, so the JVPs here run under that context.
 """
 
 import hashlib
@@ -12,7 +14,7 @@ import hashlib
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flowmatch.models import (
     DIT_PRESETS,
@@ -31,8 +33,8 @@ from flowmatch.models.layers import (
     TimestepEmbedder,
     embed_times,
     interval_embedder,
-    math_attention,
 )
+from flowmatch.training.objectives import mean_velocity_target
 
 NUM_CLASSES = 3
 
@@ -217,10 +219,7 @@ def test_fresh_two_time_model_is_the_one_time_model(arch):
     with torch.no_grad():
         want = one.eval()(x, t, y)
         got = two.eval()(x, t, y, r=r)
-    if arch == "mlp":
-        assert torch.equal(got, want)
-    else:  # attention through math_attention instead of SDPA: the same up to rounding
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got, want)  # the same kernels too (attention through SDPA in both)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -246,6 +245,12 @@ def test_gradients_reach_the_interval_embedder(arch):
 #################################################################################
 
 
+def _math_sdpa():
+    """What the MeanFlow target runs its JVP under: SDPA's math backend, the one with forward-mode
+    derivatives (the fused kernels have none as of torch 2.13)."""
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_jvp_runs_in_eval_and_train_mode(arch, train):
@@ -253,12 +258,13 @@ def test_jvp_runs_in_eval_and_train_mode(arch, train):
     x, t, r, y = _inputs(model)
     v = torch.randn_like(x)
     torch.manual_seed(7)  # the dropout masks of the JVP's forward
-    u, du_dt = torch.func.jvp(
-        lambda x, t, r: model(x, t, y, r=r), (x, t, r), (v, torch.ones_like(t), torch.zeros_like(r))
-    )
+    with _math_sdpa():
+        u, du_dt = torch.func.jvp(
+            lambda x, t, r: model(x, t, y, r=r), (x, t, r), (v, torch.ones_like(t), torch.zeros_like(r))
+        )
     assert u.shape == du_dt.shape == x.shape
     assert torch.isfinite(du_dt).all() and du_dt.abs().max() > 0
-    torch.manual_seed(7)  # the same masks: the JVP's primal output is the model's output
+    torch.manual_seed(7)  # the same masks: the JVP's primal output is the model's (fused-kernel) output
     torch.testing.assert_close(u, model(x, t, y, r=r), rtol=1e-5, atol=1e-6)
     # And gradients flow through both outputs (the objective back-propagates through u).
     (u.square().mean() + du_dt.detach().mul(u).mean()).backward()
@@ -293,7 +299,8 @@ def test_jvp_matches_finite_differences_in_float64(arch, train):
         return model(x, t, y, r=r)
 
     def check(tangents, eps, rtol):
-        _, jvp = torch.func.jvp(f, (x, t, r), tangents)
+        with _math_sdpa():
+            _, jvp = torch.func.jvp(f, (x, t, r), tangents)
         fd = _fourth_order_difference(f, (x, t, r), tangents, eps)
         scale = jvp.abs().max().item()
         assert scale > 1e-3  # the direction matters, so a wrong or missing term would show
@@ -304,9 +311,36 @@ def test_jvp_matches_finite_differences_in_float64(arch, train):
     d_t = check((zero_x, one_t, zero_t), 2.0**-5, 1e-4)  # through the float32 time features
     d_r = check((zero_x, zero_t, one_t), 2.0**-5, 1e-4)
     # The objective's tangent (v, 1, 0) is the sum of its parts, so it is checked too.
-    _, d_objective = torch.func.jvp(f, (x, t, r), (v, one_t, zero_t))
+    with _math_sdpa():
+        _, d_objective = torch.func.jvp(f, (x, t, r), (v, one_t, zero_t))
     torch.testing.assert_close(d_objective, d_x + d_t)
     assert d_t.abs().max() > 1e-2 * d_x.abs().max() and d_r.abs().max() > 1e-2 * d_x.abs().max()
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "mlp"])
+def test_mean_velocity_target_of_attention_models_matches_finite_differences(arch):
+    # The objective's own context, end to end, on the networks with attention: the target
+    # u_tgt = v + (r - t) d/ds u(x + s v, t + s, r) at s = 0, in eval mode (as the target is taken).
+    model = _perturb(_build(arch)).double()
+    model.t_embedder.scale = model.h_embedder.scale = 1.0  # as above: a step clear of float32 rounding
+    x, _, _, y = _inputs(model, dtype=torch.float64)
+    t = torch.tensor([0.125, 0.25, 0.5], dtype=torch.float64)
+    r = torch.tensor([0.5, 0.25, 0.75], dtype=torch.float64)  # row 1: r = t, the target is v itself
+    v = torch.randn_like(x)
+    target = mean_velocity_target(model, x, t, r, v, y)
+    assert model.training  # put back after the eval-mode JVP
+    model.eval()
+    with torch.no_grad():  # evaluated with the fused kernels, outside the objective's context
+        def u(x, t):
+            return model(x, t, y, r=r)
+
+        # d/ds u = v . d_x u + d_t u, each part with the step of the test above (float32 time features)
+        du_dt = (_fourth_order_difference(u, (x, t), (v, torch.zeros_like(t)), 2.0**-10)
+                 + _fourth_order_difference(u, (x, t), (torch.zeros_like(x), torch.ones_like(t)), 2.0**-5))
+    want = v + (r - t).view(-1, 1, 1, 1) * du_dt
+    assert torch.equal(target[1], v[1])
+    assert (target - v).abs().max() > 1e-2  # the JVP term is there
+    torch.testing.assert_close(target, want, rtol=0, atol=1e-4 * want.abs().max().item())
 
 
 #################################################################################
@@ -314,38 +348,36 @@ def test_jvp_matches_finite_differences_in_float64(arch, train):
 #################################################################################
 
 
-def test_math_attention_equals_sdpa():
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 10, 8, generator=gen, dtype=torch.float64) for _ in range(3))
-    torch.testing.assert_close(math_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
-
-
 @pytest.mark.parametrize("qk_norm, rope", [(None, False), ("rmsnorm", True)])
-def test_attention_forward_ad_switch_changes_the_kernel_only(qk_norm, rope):
+def test_attention_jvp_under_the_math_backend_is_the_jacobian(qk_norm, rope):
+    # Forward mode (under the objective's context) agrees with reverse mode through the default
+    # fused kernel: the full Jacobian contracted with the tangent.
     torch.manual_seed(0)
-    fused = Attention(16, num_heads=2, qk_norm=qk_norm)
-    plain = Attention(16, num_heads=2, qk_norm=qk_norm, forward_ad=True)
-    plain.load_state_dict(fused.state_dict())  # the same parameters
+    attn = Attention(16, num_heads=2, qk_norm=qk_norm)
     x = torch.randn(2, 9, 16)
     cos_sin = RotaryEmbedding2D(8, 3, 3)() if rope else None
-    torch.testing.assert_close(plain(x, cos_sin), fused(x, cos_sin), rtol=1e-5, atol=1e-6)
-    # Forward-mode AD through the plain one agrees with reverse mode (the full Jacobian).
     d = torch.randn_like(x)
-    _, jvp = torch.func.jvp(lambda x: plain(x, cos_sin), (x,), (d,))
-    jac = torch.autograd.functional.jacobian(lambda x: fused(x, cos_sin), x)  # (2, 9, 16, 2, 9, 16)
+    with _math_sdpa():
+        out, jvp = torch.func.jvp(lambda x: attn(x, cos_sin), (x,), (d,))
+    torch.testing.assert_close(out, attn(x, cos_sin), rtol=1e-5, atol=1e-6)
+    jac = torch.autograd.functional.jacobian(lambda x: attn(x, cos_sin), x)  # (2, 9, 16, 2, 9, 16)
     torch.testing.assert_close(jvp, torch.einsum("abcdef,def->abc", jac, d), rtol=1e-4, atol=1e-5)
 
 
-def test_attention_dropout_under_forward_ad_only_in_training():
-    attn = Attention(8, num_heads=2, dropout=0.5, forward_ad=True)
-    x = torch.randn(2, 5, 8)
+def test_attention_dropout_only_in_training_jvp_included():
+    attn = Attention(8, num_heads=2, dropout=0.5)
+    x, d = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     attn.eval()
     assert torch.equal(attn(x), attn(x))
+    with _math_sdpa():
+        assert torch.equal(torch.func.jvp(attn, (x,), (d,))[1], torch.func.jvp(attn, (x,), (d,))[1])
     attn.train()
-    torch.manual_seed(0)
-    a = attn(x)
-    torch.manual_seed(1)
-    assert not torch.allclose(a, attn(x))
+    with _math_sdpa():
+        torch.manual_seed(0)
+        a, da = torch.func.jvp(attn, (x,), (d,))
+        torch.manual_seed(1)
+        b, db = torch.func.jvp(attn, (x,), (d,))
+    assert not torch.allclose(a, b) and not torch.allclose(da, db)
 
 
 def test_embed_times_directly():
