@@ -408,11 +408,12 @@ def test_digits_latent_quick_run(tmp_path, capsys):
     for arch, seconds in result["seconds_per_step"].items():
         steps = {m["steps"] for m in result["models"] if m["arch"] == arch}
         assert steps == {max(int(budget / seconds), 10)}
-    assert {(m["arch"], m["cond"]) for m in result["models"]} == {
-        (a, c) for a in bench.ARCHS for c in (False, True)}
+    assert sorted((m["arch"], m["cond"], m["seed"]) for m in result["models"]) == sorted(
+        [(a, c, 0) for a in bench.ARCHS for c in (False, True)] + [(a, True, 1) for a in bench.ARCHS])
     for m in result["models"]:
         labels = [r["guidance"] for r in m["rows"]]
-        assert labels == ([s[0] for s in bench.GUIDED_SETTINGS] if m["cond"] else ["-"])
+        settings = bench.GUIDED_SETTINGS if m["seed"] == 0 else bench.SPREAD_SETTINGS  # seeds 0, 1
+        assert labels == ([s[0] for s in settings] if m["cond"] else ["-"])
         assert all(("accuracy" in r) == m["cond"] for r in m["rows"])
         assert all(np.isfinite(r["fid"]) and r["n"] == result["protocol"]["n"] for r in m["rows"])
     assert result["floors"]["test_split"]["n"] == 359
