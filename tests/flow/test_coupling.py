@@ -205,6 +205,7 @@ def test_trainer_pairs_the_global_batch_within_classes(tmp_path):
     (toy_cfg, 7, {"name": "sinkhorn", "reg": 0.1}),
 ])
 def test_resume_with_coupling_is_exact(tmp_path, make_cfg, at, coupling):
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN under nohup / a background job
     ref = Trainer(make_cfg(tmp_path / "a", coupling=coupling), progress=False)
     assert ref.fit().status == "finished"
     plain = Trainer(make_cfg(tmp_path / "p"), progress=False)
@@ -216,7 +217,7 @@ def test_resume_with_coupling_is_exact(tmp_path, make_cfg, at, coupling):
     first.at = at
     assert first.fit().status == "interrupted"
     assert not _coupling_threads()  # thread shut down
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
     second = Trainer(cfg, progress=False)
     assert second.fit().step == cfg.train.steps
     assert torch.equal(weights(second.model), weights(ref.model))
