@@ -51,10 +51,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import multiprocessing
 import tempfile
 import time
-from concurrent import futures
 from dataclasses import asdict
 from pathlib import Path
 
@@ -131,7 +129,7 @@ def run_config(arch: str, store: Path, *, cond: bool, steps: int, seed: int, out
 # ----------------------------------------------------------------------------------------------
 
 
-def _quiet_fit(cfg) -> list[dict]:
+def quiet_fit(cfg) -> list[dict]:
     from flowmatch.training import Trainer
 
     trainer = Trainer(cfg, resume=False, progress=False)
@@ -146,13 +144,13 @@ def calibrate(job: dict) -> dict:
     steps = job["steps"]
     cfg = run_config(job["arch"], Path(job["store"]), cond=True, steps=steps, seed=0,
                      out_dir=Path(job["out_dir"]), tiny=job["tiny"], log_every=max(steps // 6, 1))
-    records = [r for r in _quiet_fit(cfg) if "samples_per_s" in r]
+    records = [r for r in quiet_fit(cfg) if "samples_per_s" in r]
     later = records[len(records) // 3:] or records
     rate = float(np.median([r["samples_per_s"] for r in later]))  # images per second
     return {"arch": job["arch"], "seconds_per_step": cfg.train.batch_size / rate}
 
 
-def _stats(feats: np.ndarray, source: str) -> FeatureStats:
+def feature_stats(feats: np.ndarray, source: str) -> FeatureStats:
     return FeatureStats.from_features(feats, "digits", 16, source, keep_features=len(feats))
 
 
@@ -160,7 +158,7 @@ def score(images: torch.Tensor, labels: torch.Tensor | None, classifier, ref: Fe
     """FID@n, FID@359, precision / recall (k = 3) against ``ref``; accuracy when ``labels`` given."""
     images = images.clamp(-1, 1)
     feats = features_of(images, classifier)
-    fake, head = _stats(feats, "samples"), _stats(feats[:FLOOR_N], "samples")
+    fake, head = feature_stats(feats, "samples"), feature_stats(feats[:FLOOR_N], "samples")
     m = min(len(feats), len(ref.features))
     out = {"n": len(images), "fid": frechet_distance(fake.mu, fake.sigma, ref.mu, ref.sigma),
            "fid_359": frechet_distance(head.mu, head.sigma, ref.mu, ref.sigma),
@@ -193,12 +191,12 @@ def train_and_score(job: dict) -> dict:
     cfg = run_config(job["arch"], Path(job["store"]), cond=job["cond"], steps=job["steps"],
                      seed=job["seed"], out_dir=out_dir, tiny=job["tiny"])
     started = time.perf_counter()
-    records = _quiet_fit(cfg)
+    records = quiet_fit(cfg)
     wall = time.perf_counter() - started
     last = [r for r in records if "samples_per_s" in r][-1]
     loop_seconds = cfg.train.steps * cfg.train.batch_size / last["samples_per_s"]
-    classifier = _classifier(job["classifier"])
-    ref = _stats(np.asarray(job["ref_features"]), "digits:train")
+    classifier = digit_extractor(job["classifier"])
+    ref = feature_stats(np.asarray(job["ref_features"]), "digits:train")
     run = Run.load(out_dir)
     params = sum(p.numel() for p in run.model.parameters())
     rows = []
@@ -217,7 +215,7 @@ def train_and_score(job: dict) -> dict:
             "final_loss": float(last["loss"]), "rows": rows}
 
 
-def _classifier(path: str):
+def digit_extractor(path: str):
     """The digit-classifier feature extractor (its ``.net`` is the classifier itself)."""
     from flowmatch.evaluation.features import digits_extractor
 
@@ -279,14 +277,6 @@ def vae_rows(folder: Path, work: Path, classifier, ref: FeatureStats) -> tuple[d
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
-
-
-def _pool(jobs: int):
-    return futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
-
-
-def _map(pool, fn, jobs: list[dict]) -> list[dict]:
-    return list(pool.map(fn, jobs)) if pool is not None else [fn(j) for j in jobs]
 
 
 def training_jobs(args, steps: dict, common_job: dict, work: Path) -> list[dict]:
@@ -360,10 +350,10 @@ def main(argv=None) -> dict:
         clf_path = work / "digit_classifier.pt"
         if not clf_path.exists():
             train_digit_classifier(clf_path, steps=quick.get("classifier_steps", 600))
-        classifier = _classifier(str(clf_path))
+        classifier = digit_extractor(str(clf_path))
         train, test = Digits(16, "train"), Digits(16, "test")
         ref_feats = features_of(train.images, classifier)
-        ref = _stats(ref_feats, "digits:train")
+        ref = feature_stats(ref_feats, "digits:train")
         floors = {"test_split": score(test.images, test.labels, classifier, ref)}
         floors["gaussian_per_class"] = score(*gaussian_per_class(train, n, args.eval_seed), classifier, ref)
         print(f"floors: test split FID@359 {floors['test_split']['fid_359']:.2f}; per-class Gaussian "
@@ -380,22 +370,17 @@ def main(argv=None) -> dict:
         calib_steps = quick.get("calibration_steps", 60)
         common_job = {"store": str(store), "tiny": bool(quick.get("tiny")), "classifier": str(clf_path),
                       "ref_features": ref_feats.tolist(), "n": n, "eval_seed": args.eval_seed}
-        pool = _pool(args.jobs) if args.jobs > 1 else None
-        try:
-            # Each network timed CALIBRATION_ROUNDS times; the fastest counts (other load on the
-            # machine only ever slows a run down).
-            calib = _map(pool, calibrate, [{**common_job, "arch": a, "steps": calib_steps,
-                                            "out_dir": str(work / f"calibrate-{a}-{k}")}
-                                           for k in range(CALIBRATION_ROUNDS) for a in ARCHS])
-            seconds_per_step = {a: min(c["seconds_per_step"] for c in calib if c["arch"] == a)
-                                for a in ARCHS}
-            steps = {a: max(int(budget / s), 10) for a, s in seconds_per_step.items()}
-            print("seconds per step: " + ", ".join(f"{a} {s:.3f} -> {steps[a]} steps"
-                                                   for a, s in seconds_per_step.items()), flush=True)
-            models = _map(pool, train_and_score, training_jobs(args, steps, common_job, work))
-        finally:
-            if pool is not None:
-                pool.shutdown()
+        # Each network timed CALIBRATION_ROUNDS times; the fastest counts (other load on the
+        # machine only ever slows a run down).
+        calib = common.run_jobs(calibrate, [{**common_job, "arch": a, "steps": calib_steps,
+                                             "out_dir": str(work / f"calibrate-{a}-{k}")}
+                                            for k in range(CALIBRATION_ROUNDS) for a in ARCHS], args.jobs)
+        seconds_per_step = {a: min(c["seconds_per_step"] for c in calib if c["arch"] == a)
+                            for a in ARCHS}
+        steps = {a: max(int(budget / s), 10) for a, s in seconds_per_step.items()}
+        print("seconds per step: " + ", ".join(f"{a} {s:.3f} -> {steps[a]} steps"
+                                               for a, s in seconds_per_step.items()), flush=True)
+        models = common.run_jobs(train_and_score, training_jobs(args, steps, common_job, work), args.jobs)
     models.sort(key=lambda m: (m["seed"], ARCHS.index(m["arch"]), m["cond"]))
     result = {"protocol": {"budget_seconds": budget, "n": n, "solver": asdict(SOLVER), "floor_n": FLOOR_N,
                            "guidance_interval": GUIDANCE_INTERVAL, "train": TRAIN, "seeds": args.seeds,

@@ -126,7 +126,7 @@ def calibrate(job: dict) -> dict:
     steps = job["steps"]
     cfg = knob_config(job["variant"], Path(job["store"]), steps=steps, seed=0,
                       out_dir=Path(job["out_dir"]), tiny=job["tiny"], log_every=max(steps // 6, 1))
-    windows = _timed(latent._quiet_fit(cfg), cfg.train.batch_size)
+    windows = _timed(latent.quiet_fit(cfg), cfg.train.batch_size)
     later = windows[len(windows) // 3:] or windows
     return {"variant": job["variant"], "seconds_per_step": float(np.median([s / k for k, s in later]))}
 
@@ -137,12 +137,12 @@ def train_and_score(job: dict) -> dict:
     out_dir = Path(job["out_dir"])
     cfg = knob_config(job["variant"], Path(job["store"]), steps=job["steps"], seed=job["seed"],
                       out_dir=out_dir, tiny=job["tiny"], log_every=max(job["steps"] // 10, 1))
-    records = latent._quiet_fit(cfg)
+    records = latent.quiet_fit(cfg)
     last = [r for r in records if "samples_per_s" in r][-1]
     # the velocity MSE of the last window (the logged loss includes the cosine term when it is on)
     mse = last["loss"] - cfg.train.cosine_weight * last.get("cosine", 0.0)
-    classifier = latent._classifier(job["classifier"])
-    ref = latent._stats(np.asarray(job["ref_features"]), "digits:train")
+    classifier = latent.digit_extractor(job["classifier"])
+    ref = latent.feature_stats(np.asarray(job["ref_features"]), "digits:train")
     run = Run.load(out_dir)
     labels = run.labels(range(job["n"]))
     rows = []
@@ -275,29 +275,24 @@ def measure(args, work: Path, quick: dict) -> dict:
     clf_path = work / "digit_classifier.pt"
     if not clf_path.exists():
         train_digit_classifier(clf_path, steps=quick.get("classifier_steps", 600))
-    classifier = latent._classifier(str(clf_path))
+    classifier = latent.digit_extractor(str(clf_path))
     ref_feats = features_of(Digits(16, "train").images, classifier)
-    ref = latent._stats(ref_feats, "digits:train")
+    ref = latent.feature_stats(ref_feats, "digits:train")
     store, vae = latent_store(args, work, classifier, ref, quick.get("vae_steps") or latent.vae_config_steps())
     torch.set_num_threads(1)
     steps, calib_steps = quick.get("steps", args.steps), quick.get("calibration_steps", args.calibration_steps)
     common_job = {"store": str(store), "tiny": bool(quick.get("tiny")), "classifier": str(clf_path),
                   "ref_features": ref_feats.tolist(), "n": quick.get("n", args.n), "eval_seed": args.eval_seed}
-    pool = latent._pool(args.jobs) if args.jobs > 1 else None
-    try:
-        # every variant timed latent.CALIBRATION_ROUNDS times, the fastest counts (load only slows)
-        calib = latent._map(pool, calibrate, [{**common_job, "variant": v.name, "steps": calib_steps,
-                                               "out_dir": str(work / f"calibrate-{v.name}-{k}")}
-                                              for k in range(latent.CALIBRATION_ROUNDS) for v in VARIANTS])
-        seconds_per_step = {v.name: min(c["seconds_per_step"] for c in calib if c["variant"] == v.name)
-                            for v in VARIANTS}
-        es_steps = equal_seconds_steps(steps, seconds_per_step)
-        print("seconds per step: " + ", ".join(f"{v} {s:.4f} -> {es_steps[v]} steps"
-                                               for v, s in seconds_per_step.items()), flush=True)
-        models = latent._map(pool, train_and_score, training_jobs(steps, es_steps, common_job, work))
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    # every variant timed latent.CALIBRATION_ROUNDS times, the fastest counts (load only slows)
+    calib = common.run_jobs(calibrate, [{**common_job, "variant": v.name, "steps": calib_steps,
+                                         "out_dir": str(work / f"calibrate-{v.name}-{k}")}
+                                        for k in range(latent.CALIBRATION_ROUNDS) for v in VARIANTS], args.jobs)
+    seconds_per_step = {v.name: min(c["seconds_per_step"] for c in calib if c["variant"] == v.name)
+                        for v in VARIANTS}
+    es_steps = equal_seconds_steps(steps, seconds_per_step)
+    print("seconds per step: " + ", ".join(f"{v} {s:.4f} -> {es_steps[v]} steps"
+                                           for v, s in seconds_per_step.items()), flush=True)
+    models = common.run_jobs(train_and_score, training_jobs(steps, es_steps, common_job, work), args.jobs)
     order = [v.name for v in VARIANTS]
     models.sort(key=lambda m: (m["seed"], order.index(m["variant"]), m["budget"]))
     return {"store": str(store), "vae": vae, "steps": steps, "calibration_steps": calib_steps,
