@@ -473,3 +473,30 @@ def test_dit_knobs_quick_run(tmp_path, capsys):
     lines = result["table"].splitlines()
     assert "verdict equal s" in lines[0] and len(lines) == 2 + len(names) + 1
     assert "baseline (seed 1)" in capsys.readouterr().out
+
+
+def test_meanflow_knobs_quick_run(tmp_path, capsys):
+    """--quick in one process: each setting's overrides reach the trained run's config; jumps at
+    NFE 1, 2, 4 (counted) and dopri5 per run; the table has one row per (setting, target)."""
+    bench = _load("meanflow_knobs")
+    out_json = tmp_path / "knobs.json"
+    result = bench.main(["--quick", "--settings", "default,uniform-p0", "--steps", "20", "--n", "64",
+                         "--work-dir", str(tmp_path / "work"), "--json", str(out_json)])
+    assert json.loads(out_json.read_text())["runs"] == result["runs"]
+    assert [(r["setting"], r["target"], r["seed"]) for r in result["runs"]] == [
+        ("default", "checkerboard", 0), ("uniform-p0", "checkerboard", 0)]
+    for run in result["runs"]:
+        assert {(c["solver"], c["nfe_budget"], c.get("nfe")) for c in run["cells"] if c["solver"] == "meanflow"} == {
+            ("meanflow", 1, 1), ("meanflow", 2, 2), ("meanflow", 4, 4)}
+        assert set(run["w2"]) == {"nfe1", "nfe2", "nfe4", bench.ADAPTIVE}
+        assert all(w > 0 for w in run["w2"].values())
+    from flowmatch.config import load_config
+
+    saved = {s: load_config(tmp_path / "work" / s / "checkerboard" / "seed0" / "config.yaml").train.meanflow
+             for s in ("default", "uniform-p0")}
+    assert saved["default"].adaptive_power == 1.0 and saved["default"].time_sampler.name == "logit_normal"
+    assert saved["uniform-p0"].adaptive_power == 0.0 and saved["uniform-p0"].time_sampler.name == "uniform"
+    assert result["runs"][0]["w2"] != result["runs"][1]["w2"]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| default") or
+            line.startswith("| uniform-p0")]
+    assert len(rows) == 2
