@@ -436,6 +436,51 @@ def add_nfe_and_seed_arguments(p: argparse.ArgumentParser, nfes: Iterable[int], 
     p.add_argument("--eval-seed", type=int, default=eval_seed, help=f"{eval_seed_use} (default: %(default)s)")
 
 
+def add_preset_options(parser: argparse.ArgumentParser, full: dict, quick: dict, what: dict[str, str]) -> None:
+    """Options ``--NAME`` (``what``: name -> what it is) whose default is None, filled in later by
+    :func:`parse_with_presets` from ``full`` or ``quick`` (both named in the help); a list value in ``full``
+    makes a comma-separated option of that element type."""
+    def text(value):
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    for name, description in what.items():
+        value = full[name]
+        kind = csv_list(type(value[0])) if isinstance(value, (list, tuple)) else type(value)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
+                            help=f"{description} (default: {text(value)}; --quick: {text(quick[name])})")
+
+
+def parse_with_presets(parser: argparse.ArgumentParser, argv, full: dict, quick: dict,
+                       valid: dict[str, Iterable[str]], jsons: tuple[Path, Path], root: Path,
+                       work_help: str, quick_help: str) -> argparse.Namespace:
+    """A protocol's command line, parsed and completed.
+
+    Adds ``--work-dir`` (``work_help``), ``--json`` and ``--quick`` (``quick_help``: what the smoke
+    run does) to ``parser``, parses ``argv``; each option still None then takes its value from
+    ``full`` or, under --quick, ``quick``; each list option named in ``valid`` (``{"targets":
+    names}``) must hold only valid names (else ``parser.error`` names the bad ones); ``--json``
+    defaults to ``jsons`` = (full run's file, quick run's file), named in the help relative to ``root``.
+    """
+    default_json, quick_json = jsons
+    parser.add_argument("--work-dir", default=None, help=work_help)
+    parser.add_argument("--json", default=None,
+                        help=f"write every number here (default: {default_json.relative_to(root)}; --quick: "
+                             f"{quick_json.relative_to(root)})")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    args = parser.parse_args(argv)
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key, names in valid.items():
+        names = list(names)
+        bad = [v for v in getattr(args, key) if v not in names]
+        if bad:
+            parser.error(f"unknown {key} {', '.join(map(str, bad))} (valid: {', '.join(map(str, names))})")
+    if args.json is None:
+        args.json = str(quick_json if args.quick else default_json)
+    return args
+
+
 def write_json(path: str | Path, out: dict) -> dict:
     """``out`` as indented JSON at ``path`` (its folder made if missing), and a line saying so.
     Returns ``out``."""

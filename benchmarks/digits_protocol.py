@@ -3,6 +3,7 @@
     python benchmarks/digits_protocol.py [--variants flowmatch,flowmatch-ot,flowmatch-ot-distill,
         flowmatch-meanflow,torchcfm-cfm,torchcfm-otcfm,fm-condot] [--steps 4000] [--n 359]
         [--nfe 4,8,32] [--spread-seeds 0,1] [--jobs 2] [--threads 1]
+        [--meanflow-override KEY=VALUE ...] [--against JSON]
         [--work-dir runs/digits_protocol] [--json PATH] [--quick]
 
 Protocol (the defaults are the protocol; ``benchmarks/README.md`` has the command).
@@ -57,6 +58,11 @@ Time convention everywhere: t = 0 is the noise x0 ~ N(0, I), t = 1 the data.
    differences of that size between rows are noise.
 6. Issue 12's targets for ``flowmatch-meanflow``, printed met or not: NFE 1 FID <= the best other
    variant's NFE-4 FID; NFE 2 FID <= the best NFE-8 FID; training s / 1k steps <= 2 x ``flowmatch``'s.
+   A probe of MeanFlow's own settings: ``--meanflow-override KEY=VALUE`` (repeatable) changes only
+   its run, ``--against JSON`` puts a stored full run's other variants into that comparison (its
+   protocol must match; its timings come from another run, so the cost ratio is rough there):
+   ``--variants flowmatch-meanflow --spread-seeds '' --meanflow-override
+   train.meanflow.adaptive_power=0 --against benchmarks/results/digits_protocol.json --json ...``.
 7. Training time: seconds per 1000 steps of the loop alone (no set-up, checkpoint or final grid),
    ``torch.set_num_threads(--threads)`` in each process. ``--jobs N`` (default 2) trains and
    evaluates the variants in N spawned processes side by side (``flowmatch-ot-distill`` runs after
@@ -151,6 +157,8 @@ class Protocol:
     spread_seeds: tuple[int, ...] = (0, 1)  # training seeds of SPREAD_VARIANT (< 2: no spread)
     threads: int = 1  # torch threads per process
     jobs: int = 2  # processes training and evaluating variants side by side
+    # extra config overrides of flowmatch-meanflow's run (e.g. "train.meanflow.adaptive_power=0")
+    meanflow_overrides: tuple[str, ...] = ()
 
 
 PROTOCOL = Protocol()
@@ -307,7 +315,8 @@ VARIANTS: dict[str, Variant] = common.protocol_variants(
     Variant("flowmatch-ot-distill", train_distilled, sample_distilled, ("euler",),
             "flowmatch-ot distilled into an 8-step Euler student (flowmatch distill --nfe 8); "
             "training time = teacher + pairs + student", nfes=(DISTILL_NFE,)),
-    Variant(MEANFLOW, _ours(MEANFLOW_OVERRIDES), common.sample_ours, ("meanflow", *OUR_SOLVERS),
+    Variant(MEANFLOW, lambda p, work: train_ours(p, work, MEANFLOW_OVERRIDES + list(p.meanflow_overrides)),
+            common.sample_ours, ("meanflow", *OUR_SOLVERS),
             "flowmatch Trainer, train.objective=meanflow (average velocity u(z, t, r), its default "
             "times, r = t rows and adaptive weight), two-time U-Net with time_scale 1; sampled with K "
             "meanflow jumps on the uniform grid (NFE = K = 1, 2, 4) and, on its instantaneous velocity "
@@ -569,6 +578,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"--quick: {Q.jobs}); 1 runs everything in this process")
     p.add_argument("--threads", type=int, default=F.threads,
                    help="torch intra-op threads per process (default: %(default)s)")
+    p.add_argument("--meanflow-override", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"a config override for {MEANFLOW}'s run only, after its own (repeatable; e.g. "
+                        "train.meanflow.adaptive_power=0); recorded in the JSON's protocol")
+    p.add_argument("--against", default=None, metavar="JSON",
+                   help=f"a stored run of this protocol (its JSON): issue 12's targets of {MEANFLOW} are "
+                        "computed against its other variants as well (same steps, batch, n, network and "
+                        "seeds required); for a MeanFlow-only run with other settings")
     p.add_argument("--work-dir", default=None,
                    help=f"our Trainer's run directories and the cached classifier (default: "
                         f"{DEFAULT_WORK.relative_to(ROOT)}; --quick: a temporary folder, removed)")
@@ -595,14 +611,35 @@ def parse_args(argv=None) -> argparse.Namespace:
 def make_protocol(args: argparse.Namespace) -> Protocol:
     base = QUICK if args.quick else PROTOCOL
     given = {"steps": args.steps, "n": args.n, "nfes": tuple(args.nfe) if args.nfe else None, "jobs": args.jobs,
-             "spread_seeds": None if args.spread_seeds is None else tuple(args.spread_seeds)}
+             "spread_seeds": None if args.spread_seeds is None else tuple(args.spread_seeds),
+             "meanflow_overrides": tuple(args.meanflow_override) or None}
     return replace(base, seed=args.seed, eval_seed=args.eval_seed, threads=args.threads,
                    **{k: v for k, v in given.items() if v is not None})
 
 
-def run(p: Protocol, names: list[str], work: Path, log: Callable[[str], None]) -> dict:
+#: Protocol fields that must agree between this run and an ``--against`` run (not: processes,
+#: threads, spread seeds, NFE budgets, MeanFlow's own overrides).
+COMPARABLE = ("image_size", "base_channels", "channel_mults", "num_res_blocks", "steps", "batch_size", "lr",
+              "warmup_steps", "ema_decay", "grad_clip", "seed", "classifier_steps", "n", "eval_seed",
+              "adaptive_tol")
+
+
+def stored_methods(path: str | Path, p: Protocol) -> dict:
+    """The variants of a stored run of this protocol (its ``--json``) but MEANFLOW, for issue 12's
+    targets; ValueError when its protocol differs from ``p`` in a COMPARABLE field."""
+    saved = json.loads(Path(path).read_text())
+    mine = asdict(p)
+    differ = [k for k in COMPARABLE if saved["protocol"].get(k) != (list(mine[k]) if isinstance(mine[k], tuple)
+                                                                   else mine[k])]
+    if differ:
+        raise ValueError(f"--against {path}: its protocol differs in {', '.join(differ)}")
+    return {k: m for k, m in saved["methods"].items() if k != MEANFLOW}
+
+
+def run(p: Protocol, names: list[str], work: Path, log: Callable[[str], None], against: dict | None = None) -> dict:
     """Classifier and floor here, then every unit of runs (``--jobs`` processes), merged in table
-    order: the variants, the extra seeds' runs, the spread and issue 12's targets."""
+    order: the variants, the extra seeds' runs, the spread and issue 12's targets (also against
+    ``against``'s variants, a stored run's, where given)."""
     classifier = load_or_train_classifier(work, p, log)
     scorer, _ = evaluation_inputs(p, classifier["path"])
     test_images = Digits(p.image_size, "test").images  # (359, 1, S, S)
@@ -623,7 +660,7 @@ def run(p: Protocol, names: list[str], work: Path, log: Callable[[str], None]) -
         by_seed[p.seed] = methods[SPREAD_VARIANT]
     return {"classifier": classifier, "n_reference": scorer.n_ref, "floor": floor, "methods": methods,
             "seed_runs": extra, "spread": seed_spread(dict(sorted(by_seed.items()))),
-            "meanflow_targets": meanflow_targets(methods)}
+            "meanflow_targets": meanflow_targets({**(against or {}), **methods})}
 
 
 def main(argv=None) -> dict:
@@ -644,7 +681,8 @@ def main(argv=None) -> dict:
         else:
             work = DEFAULT_WORK
         work.mkdir(parents=True, exist_ok=True)
-        results = run(p, args.variants, work, _log)
+        against = stored_methods(args.against, p) if args.against else None
+        results = run(p, args.variants, work, _log, against)
     wall = time.perf_counter() - start
     print_tables(results, p)
     print(f"\ntotal wall time {wall:.0f} s")

@@ -139,32 +139,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--settings", type=common.csv_list(str), default=DEFAULT_SETTINGS,
                    help=f"comma-separated settings (default: {','.join(DEFAULT_SETTINGS)}; "
                         f"valid: {','.join(SETTINGS)})")
-    p.add_argument("--targets", type=common.csv_list(str), default=None,
-                   help=f"toy targets (default: {','.join(FULL['targets'])}; --quick: checkerboard)")
-    p.add_argument("--seeds", type=common.csv_list(int), default=None,
-                   help="training seeds (default: 0,1; --quick: 0)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: 4000; --quick: 100)")
-    p.add_argument("--n", type=int, default=None, help="evaluation samples (default: 2000; --quick: 200)")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="processes side by side, one thread each (default: 2; --quick: 1)")
-    p.add_argument("--work-dir", default=None, help="run directories (default: a temporary folder, removed)")
-    p.add_argument("--json", default=None,
-                   help=f"write every number here (default: {DEFAULT_JSON.relative_to(ROOT)}; --quick: "
-                        f"{QUICK_JSON.relative_to(ROOT)})")
-    p.add_argument("--quick", action="store_true", help="smoke run: checkerboard, seed 0, 100 steps, n 200")
-    args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    unknown = [s for s in args.settings if s not in SETTINGS]
-    if unknown:
-        p.error(f"unknown setting(s) {', '.join(unknown)} (valid: {', '.join(SETTINGS)})")
-    bad = [t for t in args.targets if t not in TOY2D_NAMES]
-    if bad:
-        p.error(f"unknown target(s) {', '.join(bad)} (valid: {', '.join(TOY2D_NAMES)})")
-    if args.json is None:
-        args.json = str(QUICK_JSON if args.quick else DEFAULT_JSON)
-    return args
+    common.add_preset_options(p, FULL, QUICK, {
+        "targets": "comma-separated toy targets", "seeds": "training seeds", "steps": "training steps",
+        "n": "evaluation samples", "jobs": "processes side by side, one thread each"})
+    return common.parse_with_presets(p, argv, FULL, QUICK, {"settings": SETTINGS, "targets": TOY2D_NAMES}, (DEFAULT_JSON, QUICK_JSON), ROOT,
+                                     "run directories (default: a temporary folder, removed)",
+                                     "smoke run: checkerboard, seed 0, 100 steps, n 200")
 
 
 def main(argv=None) -> dict:

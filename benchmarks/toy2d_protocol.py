@@ -425,15 +425,11 @@ def summary_table(rows: list[dict]) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--targets", type=common.csv_list(str), default=None,
-                   help=f"comma-separated toy targets (default: {','.join(FULL['targets'])}; --quick: "
-                        f"{','.join(QUICK['targets'])})")
+    common.add_preset_options(p, FULL, QUICK, {"targets": "comma-separated toy targets"})
     p.add_argument("--variants", type=common.csv_list(str), default=list(VARIANTS),
                    help=f"comma-separated variants (default: {','.join(VARIANTS)})")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"training steps (default: {FULL['steps']}; --quick: {QUICK['steps']})")
-    p.add_argument("--n", type=int, default=None,
-                   help=f"evaluation samples and target points (default: {FULL['n']}; --quick: {QUICK['n']})")
+    common.add_preset_options(p, FULL, QUICK, {"steps": "training steps",
+                                                "n": "evaluation samples and target points"})
     common.add_nfe_and_seed_arguments(p, FULL["nfe"], QUICK["nfe"], Protocol.seed, Protocol.eval_seed,
                                       "evaluation noise and reference set; floors use the next 3")
     p.add_argument("--threads", type=int, default=1,
@@ -441,26 +437,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=None,
                    help=f"processes, each running whole targets (default: {FULL['jobs']}; --quick: "
                         f"{QUICK['jobs']}); 1 gives training times on an otherwise idle core")
-    p.add_argument("--work-dir", default=None,
-                   help="where our Trainer's run directories go, kept (default: a temporary folder, removed)")
-    p.add_argument("--json", default=None,
-                   help=f"write every number here (default: {DEFAULT_JSON.relative_to(ROOT)}; --quick: "
-                        f"{QUICK_JSON.relative_to(ROOT)})")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 target, 200 steps, n 300, NFE 1,4")
-    args = p.parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variant(s) {', '.join(unknown)} (valid: {', '.join(VARIANTS)})")
-    bad = [t for t in args.targets if t not in TOY2D_NAMES]
-    if bad:
-        p.error(f"unknown target(s) {', '.join(bad)} (valid: {', '.join(TOY2D_NAMES)})")
-    if args.json is None:
-        args.json = str(QUICK_JSON if args.quick else DEFAULT_JSON)
-    return args
+    return common.parse_with_presets(p, argv, FULL, QUICK, {"variants": VARIANTS, "targets": TOY2D_NAMES}, (DEFAULT_JSON, QUICK_JSON), ROOT,
+                                     "where our Trainer's run directories go, kept (default: a temporary folder, removed)",
+                                     "smoke run: 1 target, 200 steps, n 300, NFE 1,4")
 
 
 def _log(line: str) -> None:

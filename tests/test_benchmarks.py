@@ -329,6 +329,25 @@ def test_digits_protocol_quick_run(tmp_path, capsys, monkeypatch):
         (mine["meanflow", 2], best[8], mine["meanflow", 2] <= best[8]),
         (pytest.approx(ratio), 2.0, ratio <= 2.0)]
 
+    # A MeanFlow-only probe with its own settings, its targets against the stored run's variants
+    probe_json = tmp_path / "probe.json"
+    probe = bench.main(["--quick", "--variants", "flowmatch-meanflow", "--spread-seeds", "",
+                        "--meanflow-override", "train.meanflow.adaptive_power=0", "--against", str(out_json),
+                        "--json", str(probe_json), "--work-dir", str(tmp_path / "probe")])
+    assert probe["protocol"]["meanflow_overrides"] == ["train.meanflow.adaptive_power=0"]
+    assert list(probe["methods"]) == ["flowmatch-meanflow"] and probe["seed_runs"] == {}
+    from flowmatch.config import load_config
+
+    assert load_config(tmp_path / "probe" / "flowmatch-meanflow" / "config.yaml").train.meanflow.adaptive_power == 0
+    assert load_config(work / "flowmatch-meanflow" / "config.yaml").train.meanflow.adaptive_power == 1.0
+    probe_cells = {(c["solver"], c["nfe_budget"]): c["fid"] for c in probe["methods"]["flowmatch-meanflow"]["cells"]}
+    assert probe_cells[("meanflow", 1)] != mine[("meanflow", 1)]
+    assert [(t["threshold"], t["met"]) for t in probe["meanflow_targets"][:2]] == [
+        (best[4], probe_cells[("meanflow", 1)] <= best[4]), (best[8], probe_cells[("meanflow", 2)] <= best[8])]
+    with pytest.raises(ValueError, match="differs in steps"):
+        bench.main(["--quick", "--steps", "31", "--variants", "flowmatch-meanflow", "--against", str(out_json),
+                    "--json", str(tmp_path / "bad.json"), "--work-dir", str(tmp_path / "bad")])
+
 
 def test_digits_protocol_classifier_is_cached(tmp_path):
     bench = _load("digits_protocol")
