@@ -603,6 +603,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--n must be above {PR_K} (precision / recall use {PR_K} neighbours), got {args.n}")
     if args.jobs is not None and args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.against is not None and not Path(args.against).is_file():
+        p.error(f"--against {args.against}: no such file (a stored run's --json)")
     if args.json is None:
         args.json = str(QUICK_JSON if args.quick else DEFAULT_JSON)
     return args

@@ -519,3 +519,11 @@ def test_meanflow_knobs_quick_run(tmp_path, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| default") or
             line.startswith("| uniform-p0")]
     assert len(rows) == 2
+
+
+def test_digits_protocol_against_a_missing_file_is_one_line(tmp_path, capsys):
+    bench = _load("digits_protocol")
+    with pytest.raises(SystemExit) as stop:
+        bench.parse_args(["--against", str(tmp_path / "none.json")])
+    assert stop.value.code == 2
+    assert f"--against {tmp_path / 'none.json'}: no such file" in capsys.readouterr().err
