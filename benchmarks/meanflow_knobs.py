@@ -76,7 +76,8 @@ def run_one(job: tuple) -> dict:
     torch.set_num_threads(1)  # one thread per process: a spawned worker starts with torch's default
     p = proto.Protocol(steps=steps, n=n, nfes=JUMPS, seed=seed, threads=1)
     overrides, note = SETTINGS[setting]
-    variant = Variant(f"meanflow-{setting}", proto._ours(proto.MEANFLOW_OVERRIDES + overrides),
+    extra = proto.MEANFLOW_OVERRIDES + overrides
+    variant = Variant(f"meanflow-{setting}", lambda p, target, work: proto.train_ours(p, target, work, extra),
                       common.sample_ours, ("meanflow",), note)
     x0 = seeded_noise(range(n), (2,), seed=p.eval_seed)  # (n, 2): the protocol's evaluation noise
     ref = proto.Reference(sample_toy2d(target, n, torch.Generator().manual_seed(p.eval_seed)))
@@ -160,12 +161,13 @@ def main(argv=None) -> dict:
         runs = common.run_jobs(run_one, jobs, args.jobs)
     wall = time.perf_counter() - start
     print()
-    print(table(runs, references()))
+    refs = references()  # the stored runs, read once
+    print(table(runs, refs))
     print(f"\ntotal wall time {wall:.0f} s")
     out = {"settings": {s: {"overrides": SETTINGS[s][0], "note": SETTINGS[s][1]} for s in args.settings},
            "protocol": {"steps": args.steps, "n": args.n, "seeds": args.seeds, "jumps": list(JUMPS),
                         "dopri5_tol": proto.ADAPTIVE_TOL, "base": "toy2d_protocol.py flowmatch-meanflow"},
-           "machine": common.machine_facts(1, proto.PACKAGES), "references": references(),
+           "machine": common.machine_facts(1, proto.PACKAGES), "references": refs,
            "runs": runs, "wall_seconds": wall}
     return common.write_json(args.json, out)
 
