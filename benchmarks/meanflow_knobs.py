@@ -83,7 +83,7 @@ def run_one(job: tuple) -> dict:
     ref = proto.Reference(sample_toy2d(target, n, torch.Generator().manual_seed(p.eval_seed)))
     trained, train_wall = common.timed(variant.train, p, target, Path(work) / setting / target / f"seed{seed}")
     cells = common.evaluate(variant, trained, x0, JUMPS, proto.ADAPTIVE_TOL, ref.metrics, print)
-    w2 = {("nfe%d" % c["nfe_budget"]) if c["nfe_budget"] else ADAPTIVE: c.get("w2") for c in cells}
+    w2 = {f"nfe{c['nfe_budget']}" if c["nfe_budget"] else ADAPTIVE: c.get("w2") for c in cells}
     return {"setting": setting, "target": target, "seed": seed, "w2": w2,
             "s_per_1k_steps": 1000.0 * trained.loop_seconds / steps, "train_wall": train_wall,
             "loss": trained.loss, "cells": cells}
