@@ -148,18 +148,22 @@ def distill_overrides(steps: int) -> list[str]:
             "train.warmup_steps=0", "device=cpu"]
 
 
-def train_peer_loop(cfg, data: torch.Tensor, pairs: Callable, ema: bool) -> Trained:
+def train_peer_loop(cfg, data: torch.Tensor, pairs: Callable, ema: bool, labels: torch.Tensor | None = None,
+                    num_classes: int = 0) -> Trained:
     """A plain loop with our Trainer's data order, noise, times, init, optimizer, learning rate,
     gradient clipping (where ``train.grad_clip`` > 0) and, with ``ema``, EMA (whose weights come back;
     else the raw ones). ``data`` (N, ...) is the dataset the Trainer builds from ``cfg``;
-    ``pairs(x0, x1, t)`` is the peer's own construction of the regression input x_t and target u_t."""
+    ``pairs(x0, x1, t, y)`` is the peer's own construction of the regression input x_t, target u_t
+    and the rows' labels (``y`` None without labels; a pairing that re-draws rows carries them along).
+    With ``labels`` (N,) (a class-conditional ``cfg``: ``num_classes`` classes) the model is called
+    ``model(x_t, t, y)``, as the Trainer does without label dropout."""
     tc = cfg.train
     shape = tuple(data.shape[1:])
     stream = BatchStream(len(data), tc.batch_size, cfg.seed)
     time_sampler = build_time_sampler(tc.time_sampler.name, shift=tc.time_sampler.shift,
                                       **tc.time_sampler.params)
     torch.manual_seed(cfg.seed)
-    model = build_model_from_config(cfg, shape, 0)
+    model = build_model_from_config(cfg, shape, num_classes)
     average = EMA(model) if ema else None
     decay = (ema_decay_from_halflife(tc.ema_halflife_images, tc.batch_size)
              if tc.ema_halflife_images > 0 else tc.ema_decay)
@@ -171,12 +175,13 @@ def train_peer_loop(cfg, data: torch.Tensor, pairs: Callable, ema: bool) -> Trai
         for group in optimizer.param_groups:
             group["lr"] = lr_at(k, base_lr=tc.lr, total_steps=tc.steps, warmup_steps=tc.warmup_steps,
                                 schedule=tc.lr_schedule, min_lr_ratio=tc.min_lr_ratio)
-        x1 = data[stream.local_indices(k)]  # (B, ...)
+        idx = stream.local_indices(k)
+        x1, y = data[idx], (None if labels is None else labels[idx])  # (B, ...), (B,) or None
         g = step_generator(cfg.seed, k)  # the Trainer's draws for step k, in its order
         x0 = torch.randn((tc.batch_size, *shape), generator=g)  # (B, ...) noise
         t = time_sampler(tc.batch_size, generator=g)  # (B,)
-        x_t, u_t = pairs(x0, x1, t)
-        loss = (model(x_t, t) - u_t).pow(2).mean()
+        x_t, u_t, y = pairs(x0, x1, t, y)
+        loss = ((model(x_t, t) if y is None else model(x_t, t, y)) - u_t).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:
@@ -194,7 +199,9 @@ def torchcfm_pairs(exact_ot: bool) -> Callable:
     """torchcfm's (I-)CFM or exact OT-CFM at sigma = 0. Its first argument is the t = 0 end: noise.
 
     OT-CFM solves the exact OT plan of the batch (POT's emd) and then *draws* B pairs from it with
-    replacement (numpy's RNG), so a batch holds repeated pairs; that is torchcfm's method, kept.
+    replacement (numpy's RNG), so a batch holds repeated pairs; that is torchcfm's method, kept. With
+    labels it is torchcfm's guided variant: the plan over the whole batch, each drawn pair keeping
+    its image's label (the noise has none).
     """
     from torchcfm.conditional_flow_matching import (
         ConditionalFlowMatcher,
@@ -203,9 +210,12 @@ def torchcfm_pairs(exact_ot: bool) -> Callable:
 
     matcher = (ExactOptimalTransportConditionalFlowMatcher if exact_ot else ConditionalFlowMatcher)(sigma=0.0)
 
-    def pairs(x0, x1, t):
+    def pairs(x0, x1, t, y=None):
+        if exact_ot and y is not None:
+            _, x_t, u_t, _, y = matcher.guided_sample_location_and_conditional_flow(x0, x1, y1=y, t=t)
+            return x_t, u_t, y
         _, x_t, u_t = matcher.sample_location_and_conditional_flow(x0, x1, t=t)
-        return x_t, u_t
+        return x_t, u_t, y
 
     return pairs
 
@@ -217,9 +227,9 @@ def flow_matching_pairs() -> Callable:
 
     path = AffineProbPath(scheduler=CondOTScheduler())
 
-    def pairs(x0, x1, t):
+    def pairs(x0, x1, t, y=None):
         sample = path.sample(x_0=x0, x_1=x1, t=t)
-        return sample.x_t, sample.dx_t
+        return sample.x_t, sample.dx_t, y
 
     return pairs
 
@@ -227,20 +237,23 @@ def flow_matching_pairs() -> Callable:
 #################################################################################
 #                                    Sampling                                   #
 #################################################################################
-# A sampler: (trained, x0, method, steps, tol) -> (x at t = 1, counted NFE); steps is None for the
-# adaptive solver, which takes atol = rtol = tol.
+# A sampler: (trained, x0, method, steps, tol[, y=labels]) -> (x at t = 1, counted NFE); steps is
+# None for the adaptive solver, which takes atol = rtol = tol; y (B,) the labels of a class-conditional
+# model (passed only when there are labels).
 
 
 class _Counted(nn.Module):
-    """The model with its calls counted (peers' solvers do not count); a 0-dim t is broadcast to (B,)."""
+    """The model with its calls counted (peers' solvers do not count); a 0-dim t is broadcast to (B,);
+    ``y`` (B,), when given, the labels of every call (a class-conditional model)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, y: torch.Tensor | None = None):
         super().__init__()
-        self.model, self.nfe = model, 0
+        self.model, self.y, self.nfe = model, y, 0
 
     def forward(self, x, t, **extras):
         self.nfe += 1
-        return self.model(x, t.reshape(-1).expand(len(x)).contiguous())
+        t = t.reshape(-1).expand(len(x)).contiguous()
+        return self.model(x, t) if self.y is None else self.model(x, t, self.y)
 
 
 def split_solver(name: str) -> tuple[str, str]:
@@ -255,22 +268,25 @@ def nfe_per_step(method: str) -> int:
     return FIXED_STEP_NFE.get(method) or OWN_NFE_PER_STEP.get(method, 1)
 
 
-def sample_ours(trained: Trained, x0, method, steps, tol):
+def sample_ours(trained: Trained, x0, method, steps, tol, y=None):
     method, grid = split_solver(method)
-    # the path only for the solvers that need it (dpm2m): the others' calls stay the plain API
+    # the path only for the solvers that need it (dpm2m), labels only when there are: the others'
+    # calls stay the plain API
     extra = {"path": trained.path} if method in getattr(solvers, "PATH_METHODS", ()) else {}
+    if y is not None:
+        extra["y"] = y
     if steps is None:
-        result = generate(trained.model, x0, method=method, atol=tol, rtol=tol)
+        result = generate(trained.model, x0, method=method, atol=tol, rtol=tol, **extra)
     else:
         result = generate(trained.model, x0, method=method, steps=steps, grid=grid, **extra)
     return result.x, result.nfe
 
 
 @torch.no_grad()
-def sample_torchdiffeq(trained: Trained, x0, method, steps, tol):
+def sample_torchdiffeq(trained: Trained, x0, method, steps, tol, y=None):
     from torchdiffeq import odeint
 
-    counted = _Counted(trained.model)
+    counted = _Counted(trained.model, y)
     if steps is None:
         times = torch.tensor([0.0, 1.0])
         x = odeint(lambda t, x: counted(x, t), x0, times, method=method, atol=tol, rtol=tol)
@@ -279,10 +295,10 @@ def sample_torchdiffeq(trained: Trained, x0, method, steps, tol):
     return x[-1], counted.nfe
 
 
-def sample_flow_matching(trained: Trained, x0, method, steps, tol):
+def sample_flow_matching(trained: Trained, x0, method, steps, tol, y=None):
     from flow_matching.solver import ODESolver
 
-    counted = _Counted(trained.model)
+    counted = _Counted(trained.model, y)
     solver = ODESolver(velocity_model=counted)  # calls velocity_model(x=x, t=t), t 0-dim
     step_size = None if steps is None else 1.0 / steps
     x = solver.sample(x_init=x0, step_size=step_size, method=method, atol=tol, rtol=tol,
@@ -354,8 +370,10 @@ def timed(fn: Callable, *args, **kwargs) -> tuple:
 
 
 def evaluate(variant: Variant, trained: Trained, x0: torch.Tensor, nfes: Iterable[int], tol: float,
-             score: Callable[[torch.Tensor], dict], log: Callable[[str], None]) -> list[dict]:
-    """Every (solver, NFE) cell of one model: samples from ``x0``, counted NFE, ``score(x)``, seconds.
+             score: Callable[[torch.Tensor], dict], log: Callable[[str], None],
+             y: torch.Tensor | None = None) -> list[dict]:
+    """Every (solver, NFE) cell of one model: samples from ``x0`` (with labels ``y`` (B,), a
+    class-conditional model), counted NFE, ``score(x)``, seconds.
 
     A fixed-step solver runs at each budget in ``nfes`` that its steps divide (and that the
     variant's ``nfes`` allows); ADAPTIVE at tolerance ``tol`` is added unless the variant has ``nfes``.
@@ -371,11 +389,12 @@ def evaluate(variant: Variant, trained: Trained, x0: torch.Tensor, nfes: Iterabl
                  if nfe % per == 0 and (variant.nfes is None or nfe in variant.nfes)]
     if variant.nfes is None:
         plan.append((ADAPTIVE, None, None))
+    labels = {} if y is None else {"y": y}
     cells = []
     for method, nfe, steps in plan:
         cell = {"solver": method, "nfe_budget": nfe, "steps": steps}
         try:
-            (x, counted), seconds = timed(variant.sample, trained, x0.clone(), method, steps, tol)
+            (x, counted), seconds = timed(variant.sample, trained, x0.clone(), method, steps, tol, **labels)
             cell["sample_seconds"] = seconds
             cell.update(nfe=int(counted), **score(x.detach().float()))
             # the exact bytes of the sample set: two runs (or two versions of the code) that agree

@@ -3,16 +3,23 @@
     python benchmarks/digits_protocol.py [--variants flowmatch,flowmatch-ot,flowmatch-ot-distill,
         flowmatch-meanflow,torchcfm-cfm,torchcfm-otcfm,fm-condot] [--steps 4000] [--n 359]
         [--nfe 4,8,32] [--spread-seeds 0,1] [--jobs 2] [--threads 1]
-        [--meanflow-override KEY=VALUE ...] [--against JSON]
+        [--meanflow-override KEY=VALUE ...] [--meanflow-seeds 0,1] [--against JSON] [--conditional]
         [--work-dir runs/digits_protocol] [--json PATH] [--quick]
 
 Protocol (the defaults are the protocol; ``benchmarks/README.md`` has the command).
 Time convention everywhere: t = 0 is the noise x0 ~ N(0, I), t = 1 the data.
 
 1. Data and network: the scikit-learn digits, train split (``Digits(16, "train")``: 1438 images of
-   1 x 16 x 16 in [-1, 1]), unconditional. Unconditional because exact minibatch OT re-pairs noise
-   and images across the batch: with labels, each library carries them along differently, without
-   them every variant solves the same problem. One small U-Net for all (``PROTOCOL``: base width
+   1 x 16 x 16 in [-1, 1]), unconditional by default. Unconditional because exact minibatch OT
+   re-pairs noise and images across the batch: with labels, each library carries them along
+   differently, without them every variant solves the same problem. ``--conditional`` is the
+   class-conditional protocol: every model takes the digit's label (a class embedding; no label
+   dropout, so no guidance: one network call per solver step for every method), ours through the
+   Trainer (exact OT pairs noise and images within each class), the peers' loop passes the same
+   labels (torchcfm's OT-CFM: its guided variant, the plan over the whole batch, each drawn pair
+   keeping its image's label); the n sets are generated with the test split's labels in order (the
+   floor's class mix) and also scored by class accuracy (the classifier reading the label it was
+   generated with; the floor's is the classifier's own test accuracy). One small U-Net for all (``PROTOCOL``: base width
    16, mults 1-2-2, one res block per level, attention only in the 4 x 4 middle; 0.29M
    parameters), built by ``build_model_from_config`` after ``torch.manual_seed(seed)``, so every
    variant starts from the same weights.
@@ -58,6 +65,9 @@ Time convention everywhere: t = 0 is the noise x0 ~ N(0, I), t = 1 the data.
    differences of that size between rows are noise.
 6. Issue 12's targets for ``flowmatch-meanflow``, printed met or not: NFE 1 FID <= the best other
    variant's NFE-4 FID; NFE 2 FID <= the best NFE-8 FID; training s / 1k steps <= 2 x ``flowmatch``'s.
+   ``--meanflow-seeds 0,1`` trains it at each seed (rows ``flowmatch-meanflow-seed1``): its target
+   values are then the mean over the seeds (each seed's printed beside), and its own seed spread is
+   printed.
    A probe of MeanFlow's own settings: ``--meanflow-override KEY=VALUE`` (repeatable) changes only
    its run, ``--against JSON`` puts a stored full run's other variants into that comparison (its
    protocol must match; its timings come from another run, so the cost ratio is rough there):
@@ -110,8 +120,17 @@ from _common import ADAPTIVE, Trained, Variant
 from flowmatch.config import load_config
 from flowmatch.data import build_dataset
 from flowmatch.data.digits import Digits
-from flowmatch.evaluation.features import build_extractor, features_of, train_digit_classifier
-from flowmatch.evaluation.frechet import FeatureStats, frechet_distance, precision_recall
+from flowmatch.evaluation.features import (
+    build_extractor,
+    features_of,
+    load_digit_classifier,
+    train_digit_classifier,
+)
+from flowmatch.evaluation.frechet import (
+    FeatureStats,
+    frechet_distance,
+    precision_recall,
+)
 from flowmatch.flow.paths import build_path
 from flowmatch.flow.sampling import generate, seeded_noise
 from flowmatch.flow.solvers import AVERAGE_SOLVERS
@@ -123,6 +142,8 @@ CONFIG = ROOT / "configs" / "digits_unet.yaml"
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "digits_protocol.json"
 QUICK_JSON = ROOT / "benchmarks" / "results" / "digits_protocol_quick.json"
 DEFAULT_WORK = ROOT / "runs" / "digits_protocol"
+CONDITIONAL_JSON = ROOT / "benchmarks" / "results" / "digits_protocol_conditional.json"
+CONDITIONAL_WORK = ROOT / "runs" / "digits_protocol_conditional"
 
 PR_K = 3  # neighbours for precision / recall
 #: A model is "trained" when its converged-ODE (dopri5) FID is at most this many times the floor's.
@@ -159,6 +180,10 @@ class Protocol:
     jobs: int = 2  # processes training and evaluating variants side by side
     # extra config overrides of flowmatch-meanflow's run (e.g. "train.meanflow.adaptive_power=0")
     meanflow_overrides: tuple[str, ...] = ()
+    # training seeds of flowmatch-meanflow besides ``seed`` (its targets use the mean over all)
+    meanflow_seeds: tuple[int, ...] = ()
+    # class-conditional: every model takes the digit's label; sampled with the test split's labels
+    conditional: bool = False
 
 
 PROTOCOL = Protocol()
@@ -175,10 +200,16 @@ QUICK = replace(PROTOCOL, base_channels=8, channel_mults=(1, 2), steps=30, batch
 
 class Scorer:
     """FID, precision and recall of image sets against the digits train split, in the features of
-    the digit classifier (``extractor``: images (B, 1, S, S) in [-1, 1] -> (B, 64))."""
+    the digit classifier (``extractor``: images (B, 1, S, S) in [-1, 1] -> (B, 64)).
 
-    def __init__(self, extractor: Callable, train_images: torch.Tensor, n: int, seed: int):
-        self.extractor = extractor
+    With ``classify`` (images -> (B,) predicted digits) and ``labels`` (the labels the sets were
+    generated with, in row order), also the class accuracy: the share of rows the classifier reads
+    as their label (of the floor's real images: the classifier's own test accuracy).
+    """
+
+    def __init__(self, extractor: Callable, train_images: torch.Tensor, n: int, seed: int,
+                 classify: Callable | None = None, labels: torch.Tensor | None = None):
+        self.extractor, self.classify, self.labels = extractor, classify, labels
         self.n_ref = len(train_images)
         feats = features_of(train_images, extractor)  # (1438, D) float64
         self.ref = FeatureStats.from_features(feats, "digits", train_images.shape[-1], keep_features=0)
@@ -188,12 +219,18 @@ class Scorer:
 
     def __call__(self, images: torch.Tensor) -> dict:
         """``images`` (n, 1, S, S) -> {fid, precision, recall, n, finite}; None-valued if not finite."""
+        accuracy = {} if self.classify is None else {"class_accuracy": None}
         if not bool(torch.isfinite(images).all()):
-            return {"fid": None, "precision": None, "recall": None, "n": len(images), "finite": False}
-        feats = features_of(images.clamp(-1.0, 1.0), self.extractor)  # (n, D)
+            return {"fid": None, "precision": None, "recall": None, **accuracy, "n": len(images), "finite": False}
+        images = images.clamp(-1.0, 1.0)
+        feats = features_of(images, self.extractor)  # (n, D)
         stats = FeatureStats.from_features(feats, "digits", images.shape[-1], keep_features=0)
         fid = frechet_distance(stats.mu, stats.sigma, self.ref.mu, self.ref.sigma)
-        return {"fid": fid, **precision_recall(self.ref_subset, feats, k=PR_K), "n": len(images),
+        if self.classify is not None:
+            with torch.no_grad():
+                predicted = self.classify(images)  # (n,)
+            accuracy["class_accuracy"] = float((predicted == self.labels[: len(images)]).float().mean())
+        return {"fid": fid, **precision_recall(self.ref_subset, feats, k=PR_K), **accuracy, "n": len(images),
                 "finite": True}
 
 
@@ -222,7 +259,7 @@ def protocol_config(p: Protocol, out_dir: Path, extra: list[str] = ()):
     overrides = [
         "name=digits-protocol", f"seed={p.seed}", "device=cpu", f"out_dir={out_dir}",
         f"data.image_size={p.image_size}", "data.split=train",
-        "model.class_cond=false", f"model.base_channels={p.base_channels}",
+        f"model.class_cond={str(p.conditional).lower()}", f"model.base_channels={p.base_channels}",
         f"model.channel_mults={list(p.channel_mults)}", f"model.num_res_blocks={p.num_res_blocks}",
         "model.attn_levels=[]", "model.num_heads=4",
         f"train.steps={p.steps}", f"train.batch_size={p.batch_size}", f"train.lr={p.lr}",
@@ -245,10 +282,14 @@ def train_ours(p: Protocol, work: Path, extra: list[str]) -> Trained:
 
 def train_peer(p: Protocol, work: Path, pairs: Callable) -> Trained:
     """A plain loop with our Trainer's data, noise, times, init, optimizer, clipping and EMA (whose
-    weights come back); ``pairs(x0, x1, t)`` is the peer's own construction of x_t and u_t."""
+    weights come back); ``pairs(x0, x1, t, y)`` is the peer's own construction of x_t and u_t (and
+    of the rows' labels when conditional)."""
     cfg = protocol_config(p, work)
-    images = build_dataset(cfg.data.kind, **cfg.data.params).images  # (1438, 1, S, S), as the Trainer's
-    return common.train_peer_loop(cfg, images, pairs, ema=True)
+    data = build_dataset(cfg.data.kind, **cfg.data.params)  # images (1438, 1, S, S), as the Trainer's
+    if not p.conditional:
+        return common.train_peer_loop(cfg, data.images, pairs, ema=True)
+    return common.train_peer_loop(cfg, data.images, pairs, ema=True, labels=data.labels,
+                                  num_classes=data.num_classes)
 
 
 #################################################################################
@@ -290,8 +331,8 @@ def train_distilled(p: Protocol, work: Path) -> Trained:
     return trained
 
 
-def sample_distilled(trained: Trained, x0, method, steps, tol):
-    result = generate(trained.model, x0, method="euler", steps=steps)
+def sample_distilled(trained: Trained, x0, method, steps, tol, y=None):
+    result = generate(trained.model, x0, method="euler", steps=steps, y=y)
     return result.x, result.nfe
 
 
@@ -354,11 +395,23 @@ def spread_runs(names: list[str], p: Protocol) -> list[RunSpec]:
             if not (s == p.seed and SPREAD_VARIANT in names)]
 
 
+def meanflow_runs(names: list[str], p: Protocol) -> list[RunSpec]:
+    """The extra runs of MEANFLOW at ``p.meanflow_seeds`` (when it is selected; not ``p.seed``)."""
+    if MEANFLOW not in names:
+        return []
+    return [RunSpec(f"{MEANFLOW}-seed{s}", MEANFLOW, s) for s in dict.fromkeys(p.meanflow_seeds) if s != p.seed]
+
+
+def extra_runs(names: list[str], p: Protocol) -> list[RunSpec]:
+    """The runs at other seeds: SPREAD_VARIANT's (its spread), then MEANFLOW's."""
+    return spread_runs(names, p) + meanflow_runs(names, p)
+
+
 def plan_units(names: list[str], p: Protocol) -> list[list[RunSpec]]:
     """Every run, grouped into units (a run of FOLLOWS joins its predecessor's unit when both are
     selected), the costliest unit first; equal costs keep the table order."""
     units = {name: [RunSpec(name, name, p.seed)] for name in names}
-    for run in spread_runs(names, p):
+    for run in extra_runs(names, p):
         units[run.key] = [run]
     for name, before in FOLLOWS.items():
         if name in units and before in units:
@@ -370,25 +423,41 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
-def evaluation_inputs(p: Protocol, classifier_path: str) -> tuple[Scorer, torch.Tensor]:
-    """The scorer against the train split and the n evaluation noise images (n, 1, S, S)."""
+def evaluation_labels(p: Protocol) -> torch.Tensor | None:
+    """The labels of the n generated images when conditional (else None): the test split's, in its
+    order (cycled past its 359), so that a generated set has the floor's class mix."""
+    if not p.conditional:
+        return None
+    labels = Digits(p.image_size, "test").labels  # (359,)
+    return labels[torch.arange(p.n) % len(labels)]
+
+
+def evaluation_inputs(p: Protocol, classifier_path: str) -> tuple[Scorer, torch.Tensor, torch.Tensor | None]:
+    """The scorer against the train split (with the class accuracy when conditional), the n
+    evaluation noise images (n, 1, S, S) and their labels (n,) (None when unconditional)."""
     extractor = build_extractor("digits", weights=classifier_path)
-    scorer = Scorer(extractor, Digits(p.image_size, "train").images, p.n, p.eval_seed)
+    y = evaluation_labels(p)
+    classify = None
+    if y is not None:
+        classifier = load_digit_classifier(classifier_path)
+        classify = lambda images: classifier(images).argmax(1)
+    scorer = Scorer(extractor, Digits(p.image_size, "train").images, p.n, p.eval_seed, classify, y)
     x0 = seeded_noise(range(p.n), (1, p.image_size, p.image_size), seed=p.eval_seed)  # same for all
-    return scorer, x0
+    return scorer, x0, y
 
 
 def evaluate_variant(variant: Variant, trained: Trained, x0: torch.Tensor, p: Protocol,
-                     scorer: Scorer) -> list[dict]:
-    """Every cell of one model: its average-velocity jumps at ``p.jump_nfes`` (a MeanFlow model),
-    then its ODE solvers at ``p.nfes`` and dopri5 (for a two-time model: on u(z, t, t))."""
+                     scorer: Scorer, y: torch.Tensor | None = None) -> list[dict]:
+    """Every cell of one model (with labels ``y`` when conditional): its average-velocity jumps at
+    ``p.jump_nfes`` (a MeanFlow model), then its ODE solvers at ``p.nfes`` and dopri5 (for a
+    two-time model: on u(z, t, t))."""
     jumps = tuple(s for s in variant.solvers if s in AVERAGE_SOLVERS)
     cells = []
     if jumps:
         cells += common.evaluate(replace(variant, solvers=jumps, nfes=p.jump_nfes), trained, x0, p.jump_nfes,
-                                 p.adaptive_tol, scorer, _log)
+                                 p.adaptive_tol, scorer, _log, y)
     odes = replace(variant, solvers=tuple(s for s in variant.solvers if s not in jumps))
-    return cells + common.evaluate(odes, trained, x0, p.nfes, p.adaptive_tol, scorer, _log)
+    return cells + common.evaluate(odes, trained, x0, p.nfes, p.adaptive_tol, scorer, _log, y)
 
 
 def trained_flag(cells: list[dict], floor_fid: float) -> dict | None:
@@ -401,7 +470,8 @@ def trained_flag(cells: list[dict], floor_fid: float) -> dict | None:
             "trained": fid <= TRAINED_FACTOR * floor_fid}
 
 
-def run_one(run: RunSpec, p: Protocol, work: Path, scorer: Scorer, x0: torch.Tensor, floor_fid: float) -> dict:
+def run_one(run: RunSpec, p: Protocol, work: Path, scorer: Scorer, x0: torch.Tensor, floor_fid: float,
+            y: torch.Tensor | None = None) -> dict:
     """Train and evaluate one run: its JSON entry ("skipped" with the reason if it cannot train)."""
     variant, p = VARIANTS[run.variant], replace(p, seed=run.seed)
     try:
@@ -410,7 +480,7 @@ def run_one(run: RunSpec, p: Protocol, work: Path, scorer: Scorer, x0: torch.Ten
         reason = common.error_reason(error)
         _log(f"{run.key}: skipped ({reason})")
         return {"status": "skipped", "reason": reason, "seed": run.seed}
-    cells, eval_wall = common.timed(evaluate_variant, variant, trained, x0, p, scorer)
+    cells, eval_wall = common.timed(evaluate_variant, variant, trained, x0, p, scorer, y)
     method = common.method_result(variant, trained, p.steps, train_wall, cells, eval_wall,
                                   mean_loss=trained.loss, params=count_parameters(trained.model))
     method.update(seed=run.seed, trained=trained_flag(cells, floor_fid))
@@ -427,8 +497,8 @@ def run_unit(job: dict) -> dict:
     ``job``: protocol, runs, work (folder), classifier (its path), floor_fid."""
     p = job["protocol"]
     torch.set_num_threads(p.threads)  # a spawned worker starts with torch's default
-    scorer, x0 = evaluation_inputs(p, job["classifier"])
-    return {run.key: run_one(run, p, Path(job["work"]), scorer, x0, job["floor_fid"]) for run in job["runs"]}
+    scorer, x0, y = evaluation_inputs(p, job["classifier"])
+    return {run.key: run_one(run, p, Path(job["work"]), scorer, x0, job["floor_fid"], y) for run in job["runs"]}
 
 
 #################################################################################
@@ -436,8 +506,8 @@ def run_unit(job: dict) -> dict:
 #################################################################################
 
 
-def seed_spread(runs: dict[int, dict]) -> dict | None:
-    """{seed: SPREAD_VARIANT's entry} -> at each (solver, NFE budget) cell that every seed scored,
+def seed_spread(runs: dict[int, dict], variant: str = SPREAD_VARIANT) -> dict | None:
+    """{seed: ``variant``'s entry} -> at each (solver, NFE budget) cell that every seed scored,
     the FIDs and their spread max - min (|FID(seed a) - FID(seed b)| for two seeds); None with fewer
     than two trained seeds."""
     runs = {seed: m for seed, m in runs.items() if m["status"] == "ok"}
@@ -453,7 +523,7 @@ def seed_spread(runs: dict[int, dict]) -> dict | None:
             continue
         cells.append({"solver": c["solver"], "nfe_budget": c["nfe_budget"],
                       "fids": {str(s): f for s, f in fids.items()}, "spread": max(fids.values()) - min(fids.values())})
-    return {"variant": SPREAD_VARIANT, "seeds": sorted(runs), "cells": cells,
+    return {"variant": variant, "seeds": sorted(runs), "cells": cells,
             "max": max((c["spread"] for c in cells), default=None)}
 
 
@@ -464,22 +534,26 @@ def best_fid(cells: list[dict], nfe: int, solvers: tuple[str, ...] | None = None
     return min(found, key=lambda f: f[0]) if found else None
 
 
-def meanflow_targets(methods: dict) -> list[dict] | None:
+def meanflow_targets(methods: dict, other_seeds: dict | None = None) -> list[dict] | None:
     """Issue 12's digits targets for MEANFLOW against the other variants ("peers" there): NFE 1
     FID <= the best peer's NFE-4 FID, NFE 2 FID <= the best NFE-8 FID, training s / 1k steps <= 2 x
-    ``flowmatch``'s. ``met`` is None where a number is missing (a budget not run, a variant skipped)."""
+    ``flowmatch``'s. With MEANFLOW's runs at other seeds (``other_seeds``: {run key: entry}) its
+    value is the mean over its seeds (``values``: each seed's); ``met`` is None where a number is
+    missing (a budget not run, a variant skipped)."""
     ours = methods.get(MEANFLOW)
     if ours is None or ours["status"] != "ok":
         return None
+    runs = [ours, *(m for m in (other_seeds or {}).values() if m["status"] == "ok")]
     peers = {k: m for k, m in methods.items() if k != MEANFLOW and m["status"] == "ok"}
     rows = []
     for jumps, peer_nfe in ((1, 4), (2, 8)):
-        mine = best_fid(ours["cells"], jumps, tuple(AVERAGE_SOLVERS))
+        values = {m["seed"]: f[0] for m in runs if (f := best_fid(m["cells"], jumps, tuple(AVERAGE_SOLVERS)))}
+        mine = sum(values.values()) / len(values) if values else None
         best = min(((*f, k) for k, m in peers.items() if (f := best_fid(m["cells"], peer_nfe))), default=None)
         rows.append({"target": f"NFE {jumps} FID <= best peer's NFE-{peer_nfe} FID",
-                     "value": mine and mine[0], "threshold": best and best[0],
+                     "value": mine, "values": values, "threshold": best and best[0],
                      "against": best and f"{best[2]} {best[1]}",
-                     "met": None if mine is None or best is None else mine[0] <= best[0]})
+                     "met": None if mine is None or best is None else mine <= best[0]})
     plain = peers.get("flowmatch")
     ratio = plain and ours["train"]["s_per_1k_steps"] / plain["train"]["s_per_1k_steps"]
     rows.append({"target": "training s / 1k steps <= 2 x flowmatch's (ratio)", "value": ratio, "threshold": 2.0,
@@ -520,35 +594,44 @@ def train_table(methods: dict, p: Protocol) -> str:
 
 def quality_table(methods: dict, floor: dict, n: int, n_ref: int, spread: dict | None) -> str:
     """Markdown: one row per method x solver x NFE, with the seed spread of that (solver, NFE) cell;
-    the floor first."""
+    the floor first. A class-accuracy column when the sets have one (conditional)."""
     spreads = {(c["solver"], c["nfe_budget"]): c["spread"] for c in (spread or {}).get("cells", ())}
-    head = ["method", "solver", "NFE", "FID", "precision", "recall", "sample s",
-            f"{SPREAD_VARIANT} seed spread"]
-    lines = [f"### FID of {n} images vs the train split ({n_ref}), digit-classifier features",
+    accuracy = "class_accuracy" in floor
+
+    def acc(cell):  # the class-accuracy column's cell, or nothing
+        return [_fmt(cell.get("class_accuracy"), 3)] if accuracy else []
+    head = ["method", "solver", "NFE", "FID", "precision", "recall", *(["class acc."] if accuracy else []),
+            "sample s", f"{SPREAD_VARIANT} seed spread"]
+    lines = [f"### FID of {n} images vs the train split ({n_ref}), digit-classifier features"
+             + (" (class-conditional: the test split's labels)" if accuracy else ""),
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-             (f"| floor: {floor['n']} real test images | - | - | {_fmt(floor['fid'])} | "
-              f"{_fmt(floor['precision'], 3)} | {_fmt(floor['recall'], 3)} | - | - |")]
+             "| " + " | ".join([f"floor: {floor['n']} real test images", "-", "-", _fmt(floor["fid"]),
+                                _fmt(floor["precision"], 3), _fmt(floor["recall"], 3), *acc(floor), "-", "-"]) + " |"]
     for name, m in methods.items():
         if m["status"] != "ok":
             continue
         for c in m["cells"]:
             if "error" in c:
-                lines.append(f"| {name} | {c['solver']} | {c['nfe_budget'] or '-'} | error: "
-                             f"{c['error'][:60]} | | | | |")
+                lines.append(f"| {name} | {c['solver']} | {c['nfe_budget'] or '-'} | error: {c['error'][:60]} |"
+                             + " |" * (len(head) - 4))
                 continue
-            lines.append(f"| {name} | {c['solver']} | {c['nfe']} | {_fmt(c['fid'])} | "
-                         f"{_fmt(c['precision'], 3)} | {_fmt(c['recall'], 3)} | {c['sample_seconds']:.1f} | "
-                         f"{_fmt(spreads.get((c['solver'], c['nfe_budget'])))} |")
+            lines.append("| " + " | ".join([
+                name, c["solver"], str(c["nfe"]), _fmt(c["fid"]), _fmt(c["precision"], 3), _fmt(c["recall"], 3),
+                *acc(c), f"{c['sample_seconds']:.1f}", _fmt(spreads.get((c["solver"], c["nfe_budget"])))]) + " |")
     return "\n".join(lines)
 
 
 def targets_table(rows: list[dict]) -> str:
-    """Markdown: issue 12's targets for MEANFLOW, each with its value, threshold and verdict."""
+    """Markdown: issue 12's targets for MEANFLOW, each with its value (the mean over its seeds, each
+    seed's in brackets when there are several), threshold and verdict."""
     head = ["target", MEANFLOW, "threshold", "against", "met"]
     lines = [f"### Issue 12 targets ({MEANFLOW})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         met = "not measured" if r["met"] is None else ("yes" if r["met"] else "no")
-        lines.append(f"| {r['target']} | {_fmt(r['value'])} | {_fmt(r['threshold'])} | {r['against'] or '-'} | {met} |")
+        values = r.get("values") or {}
+        each = (" (" + ", ".join(f"seed {s}: {_fmt(v)}" for s, v in values.items()) + ")") if len(values) > 1 else ""
+        lines.append(f"| {r['target']} | {_fmt(r['value'])}{each} | {_fmt(r['threshold'])} | {r['against'] or '-'} "
+                     f"| {met} |")
     return "\n".join(lines)
 
 
@@ -581,6 +664,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--meanflow-override", action="append", default=[], metavar="KEY=VALUE",
                    help=f"a config override for {MEANFLOW}'s run only, after its own (repeatable; e.g. "
                         "train.meanflow.adaptive_power=0); recorded in the JSON's protocol")
+    p.add_argument("--meanflow-seeds", type=common.csv_list(int), default=None,
+                   help=f"training seeds of {MEANFLOW} (those other than --seed are extra runs); its "
+                        "targets then use the mean over them, and its seed spread is printed (default: --seed)")
+    p.add_argument("--conditional", action="store_true",
+                   help="class-conditional: every model takes the digit's label (no label dropout, no "
+                        "guidance); the sets are generated with the test split's labels and also scored "
+                        "by class accuracy; exact OT pairs within classes (ours) or carries the image's label "
+                        f"(torchcfm). Default JSON {CONDITIONAL_JSON.relative_to(ROOT)}, work dir "
+                        f"{CONDITIONAL_WORK.relative_to(ROOT)}")
     p.add_argument("--against", default=None, metavar="JSON",
                    help=f"a stored run of this protocol (its JSON): issue 12's targets of {MEANFLOW} are "
                         "computed against its other variants as well (same steps, batch, n, network and "
@@ -606,7 +698,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.against is not None and not Path(args.against).is_file():
         p.error(f"--against {args.against}: no such file (a stored run's --json)")
     if args.json is None:
-        args.json = str(QUICK_JSON if args.quick else DEFAULT_JSON)
+        args.json = str(QUICK_JSON if args.quick else (CONDITIONAL_JSON if args.conditional else DEFAULT_JSON))
     return args
 
 
@@ -614,8 +706,9 @@ def make_protocol(args: argparse.Namespace) -> Protocol:
     base = QUICK if args.quick else PROTOCOL
     given = {"steps": args.steps, "n": args.n, "nfes": tuple(args.nfe) if args.nfe else None, "jobs": args.jobs,
              "spread_seeds": None if args.spread_seeds is None else tuple(args.spread_seeds),
-             "meanflow_overrides": tuple(args.meanflow_override) or None}
-    return replace(base, seed=args.seed, eval_seed=args.eval_seed, threads=args.threads,
+             "meanflow_overrides": tuple(args.meanflow_override) or None,
+             "meanflow_seeds": None if args.meanflow_seeds is None else tuple(args.meanflow_seeds)}
+    return replace(base, seed=args.seed, eval_seed=args.eval_seed, threads=args.threads, conditional=args.conditional,
                    **{k: v for k, v in given.items() if v is not None})
 
 
@@ -623,16 +716,20 @@ def make_protocol(args: argparse.Namespace) -> Protocol:
 #: threads, spread seeds, NFE budgets, MeanFlow's own overrides).
 COMPARABLE = ("image_size", "base_channels", "channel_mults", "num_res_blocks", "steps", "batch_size", "lr",
               "warmup_steps", "ema_decay", "grad_clip", "seed", "classifier_steps", "n", "eval_seed",
-              "adaptive_tol")
+              "adaptive_tol", "conditional")
+
+
+def as_json(p: Protocol) -> dict:
+    """The protocol's fields as its JSON has them (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(p).items()}
 
 
 def stored_methods(path: str | Path, p: Protocol) -> dict:
     """The variants of a stored run of this protocol (its ``--json``) but MEANFLOW, for issue 12's
     targets; ValueError when its protocol differs from ``p`` in a COMPARABLE field."""
     saved = json.loads(Path(path).read_text())
-    mine = asdict(p)
-    differ = [k for k in COMPARABLE if saved["protocol"].get(k) != (list(mine[k]) if isinstance(mine[k], tuple)
-                                                                   else mine[k])]
+    mine, defaults = as_json(p), as_json(PROTOCOL)  # a field a stored run predates had its default
+    differ = [k for k in COMPARABLE if saved["protocol"].get(k, defaults[k]) != mine[k]]
     if differ:
         raise ValueError(f"--against {path}: its protocol differs in {', '.join(differ)}")
     return {k: m for k, m in saved["methods"].items() if k != MEANFLOW}
@@ -643,7 +740,7 @@ def run(p: Protocol, names: list[str], work: Path, log: Callable[[str], None], a
     order: the variants, the extra seeds' runs, the spread and issue 12's targets (also against
     ``against``'s variants, a stored run's, where given)."""
     classifier = load_or_train_classifier(work, p, log)
-    scorer, _ = evaluation_inputs(p, classifier["path"])
+    scorer, _, _ = evaluation_inputs(p, classifier["path"])
     test_images = Digits(p.image_size, "test").images  # (359, 1, S, S)
     floor = scorer(test_images[: p.n])  # the first n test images (all of them at the default n)
     log(f"floor: FID(test {floor['n']} vs train {scorer.n_ref}) = {floor['fid']:.3f}")
@@ -660,9 +757,12 @@ def run(p: Protocol, names: list[str], work: Path, log: Callable[[str], None], a
     by_seed = {m["seed"]: m for m in extra.values()}
     if SPREAD_VARIANT in methods and p.seed in p.spread_seeds:
         by_seed[p.seed] = methods[SPREAD_VARIANT]
+    meanflow_extra = {r.key: done[r.key] for r in meanflow_runs(names, p)}
+    meanflow_by_seed = {m["seed"]: m for m in (methods.get(MEANFLOW), *meanflow_extra.values()) if m}
     return {"classifier": classifier, "n_reference": scorer.n_ref, "floor": floor, "methods": methods,
-            "seed_runs": extra, "spread": seed_spread(dict(sorted(by_seed.items()))),
-            "meanflow_targets": meanflow_targets({**(against or {}), **methods})}
+            "seed_runs": {**extra, **meanflow_extra}, "spread": seed_spread(dict(sorted(by_seed.items()))),
+            "meanflow_spread": seed_spread(dict(sorted(meanflow_by_seed.items())), MEANFLOW),
+            "meanflow_targets": meanflow_targets({**(against or {}), **methods}, meanflow_extra)}
 
 
 def main(argv=None) -> dict:
@@ -670,7 +770,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     p = make_protocol(args)
-    _log(f"digits protocol: variants {','.join(args.variants)}; U-Net base {p.base_channels} mults "
+    _log(f"digits protocol{' (class-conditional)' if p.conditional else ''}: variants {','.join(args.variants)}; "
+         f"U-Net base {p.base_channels} mults "
          f"{list(p.channel_mults)}; {p.steps} steps x batch {p.batch_size}; n {p.n}; NFE "
          f"{','.join(map(str, p.nfes))} + {ADAPTIVE} (meanflow jumps {','.join(map(str, p.jump_nfes))}); "
          f"spread seeds {','.join(map(str, p.spread_seeds)) or '-'}; {p.threads} thread(s) x {p.jobs} process(es)")
@@ -681,7 +782,7 @@ def main(argv=None) -> dict:
         elif args.quick:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="digits_protocol_")))
         else:
-            work = DEFAULT_WORK
+            work = CONDITIONAL_WORK if args.conditional else DEFAULT_WORK
         work.mkdir(parents=True, exist_ok=True)
         against = stored_methods(args.against, p) if args.against else None
         results = run(p, args.variants, work, _log, against)
@@ -689,7 +790,7 @@ def main(argv=None) -> dict:
     print_tables(results, p)
     print(f"\ntotal wall time {wall:.0f} s")
 
-    protocol = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(p).items()}  # as JSON has it
+    protocol = as_json(p)
     out = {"protocol": protocol, "adaptive": ADAPTIVE, "precision_recall_k": PR_K, "trained_factor": TRAINED_FACTOR,
            "variants": {name: VARIANTS[name].note for name in args.variants},
            "machine": common.machine_facts(args.threads, PACKAGES), **results, "wall_seconds": wall}
@@ -708,6 +809,12 @@ def print_tables(results: dict, p: Protocol) -> None:
     if spread is not None:
         print(f"\nseed-to-seed spread of {spread['variant']} (seeds {', '.join(map(str, spread['seeds']))}): "
               f"|FID difference| per (solver, NFE) cell in the last column; largest {_fmt(spread['max'])}")
+    spread = results.get("meanflow_spread")
+    if spread is not None:
+        cells = ", ".join(f"{c['solver']} {c['nfe_budget'] or ''}: {_fmt(c['spread'])}".replace(" :", ":")
+                          for c in spread["cells"] if c["solver"] in (*AVERAGE_SOLVERS, ADAPTIVE))
+        print(f"seed-to-seed spread of {spread['variant']} (seeds {', '.join(map(str, spread['seeds']))}): "
+              f"{cells}; largest {_fmt(spread['max'])}")
     if results["meanflow_targets"] is not None:
         print()
         print(targets_table(results["meanflow_targets"]))

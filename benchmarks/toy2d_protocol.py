@@ -249,7 +249,7 @@ def train_ours(p: Protocol, target: str, work: Path, extra: list[str]) -> Traine
 
 def train_peer(p: Protocol, target: str, work: Path, pairs: Callable) -> Trained:
     """A plain loop with our Trainer's data, noise, times, init and optimizer (no EMA: the raw
-    weights); ``pairs(x0, x1, t)`` is the peer's own construction of x_t and u_t."""
+    weights); ``pairs(x0, x1, t, y)`` is the peer's own construction of x_t and u_t (no labels here)."""
     cfg = protocol_config(p, target, work)
     points = build_dataset(cfg.data.kind, **cfg.data.params).points  # (100000, 2), as the Trainer's
     return common.train_peer_loop(cfg, points, pairs, ema=False)

@@ -527,3 +527,97 @@ def test_digits_protocol_against_a_missing_file_is_one_line(tmp_path, capsys):
         bench.parse_args(["--against", str(tmp_path / "none.json")])
     assert stop.value.code == 2
     assert f"--against {tmp_path / 'none.json'}: no such file" in capsys.readouterr().err
+
+
+def test_digits_protocol_conditional_quick_run(tmp_path, capsys):
+    """--conditional: every model takes the labels (ours through the Trainer, the peers' loop alike:
+    same weights), the sets are generated with the test split's labels and scored by class
+    accuracy too, MeanFlow at two seeds gives the mean in its targets and its own spread; a stored
+    unconditional run is not a valid --against."""
+    bench = _load("digits_protocol")
+    from flowmatch.config import load_config
+    from flowmatch.data.digits import Digits
+
+    out_json, work = tmp_path / "cond.json", tmp_path / "work"
+    args = ["--quick", "--conditional", "--variants", "flowmatch,flowmatch-meanflow,torchcfm-cfm,fm-condot",
+            "--spread-seeds", "", "--meanflow-seeds", "0,1", "--nfe", "4", "--n", "40", "--work-dir", str(work)]
+    results = bench.main([*args, "--json", str(out_json)])
+    printed = capsys.readouterr().out
+    assert "digits protocol (class-conditional)" in printed and "| class acc. |" in printed
+    assert results["protocol"]["conditional"] is True and results["protocol"]["meanflow_seeds"] == [0, 1]
+    assert load_config(work / "flowmatch" / "config.yaml").model.class_cond is True
+    # the floor's class accuracy is the classifier's on the first n test images with their labels
+    test = Digits(16, "test")
+    assert bench.evaluation_labels(bench.replace(bench.QUICK, conditional=True, n=40)).tolist() == \
+        test.labels[:40].tolist()
+    assert bench.evaluation_labels(bench.QUICK) is None
+    assert 0 <= results["floor"]["class_accuracy"] <= 1
+    methods = results["methods"]
+    for name, method in {**methods, **results["seed_runs"]}.items():
+        if method["status"] != "ok":
+            assert name in ("torchcfm-cfm", "fm-condot"), method
+            continue
+        for cell in method["cells"]:
+            assert "error" not in cell and 0 <= cell["class_accuracy"] <= 1, (name, cell)
+    # The labels reach the peers' loop as the Trainer's: the same computation, the same samples
+    for peer in {"torchcfm-cfm", "fm-condot"} & set(k for k, m in methods.items() if m["status"] == "ok"):
+        assert methods[peer]["train"]["mean_loss"] == pytest.approx(methods["flowmatch"]["train"]["mean_loss"],
+                                                                   rel=1e-5)
+        ours = {c["solver"]: c["fid"] for c in methods["flowmatch"]["cells"] if c["solver"] in ("euler", "midpoint")}
+        assert {c["solver"]: c["fid"] for c in methods[peer]["cells"]
+                if c["solver"] in ("euler", "midpoint")} == pytest.approx(ours, rel=1e-4)
+    # Labels change the samples: a class-conditional model given other labels draws other images
+    unconditional = bench.main(["--quick", "--variants", "flowmatch", "--spread-seeds", "", "--nfe", "4",
+                                "--n", "40", "--work-dir", str(tmp_path / "plain"),
+                                "--json", str(tmp_path / "plain.json")])
+    assert "class_accuracy" not in unconditional["floor"]
+    assert unconditional["methods"]["flowmatch"]["train"]["mean_loss"] != methods["flowmatch"]["train"]["mean_loss"]
+    # MeanFlow at seeds 0 and 1: the targets use the mean, the spread is its own
+    second = results["seed_runs"]["flowmatch-meanflow-seed1"]
+    assert second["status"] == "ok" and second["seed"] == 1
+    jumps = {seed: next(c["fid"] for c in m["cells"] if (c["solver"], c["nfe_budget"]) == ("meanflow", 1))
+             for seed, m in ((0, methods["flowmatch-meanflow"]), (1, second))}
+    target = results["meanflow_targets"][0]
+    assert target["values"] == jumps and target["value"] == pytest.approx((jumps[0] + jumps[1]) / 2)
+    assert f"(seed 0: {jumps[0]:.2f}, seed 1: {jumps[1]:.2f})" in printed
+    spread = results["meanflow_spread"]
+    assert spread["variant"] == "flowmatch-meanflow" and spread["seeds"] == [0, 1]
+    assert next(c["spread"] for c in spread["cells"] if c["solver"] == "meanflow" and c["nfe_budget"] == 1) == \
+        pytest.approx(abs(jumps[0] - jumps[1]))
+    # an unconditional run's variants are no baseline for a conditional MeanFlow
+    with pytest.raises(ValueError, match="differs in conditional"):
+        bench.main([*args[:-2], "--variants", "flowmatch-meanflow", "--meanflow-seeds", "0", "--against",
+                    str(tmp_path / "plain.json"), "--work-dir", str(tmp_path / "bad"),
+                    "--json", str(tmp_path / "bad.json")])
+
+
+def test_stored_runs_without_the_conditional_field_are_unconditional(tmp_path):
+    """A JSON written before --conditional existed has no such field: it counts as the default."""
+    bench = _load("digits_protocol")
+    stored = {"protocol": {k: v for k, v in bench.as_json(bench.PROTOCOL).items() if k != "conditional"},
+              "methods": {"flowmatch": {"status": "ok"}, "flowmatch-meanflow": {"status": "ok"}}}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(stored))
+    assert list(bench.stored_methods(path, bench.PROTOCOL)) == ["flowmatch"]
+    with pytest.raises(ValueError, match="differs in conditional"):
+        bench.stored_methods(path, bench.replace(bench.PROTOCOL, conditional=True))
+
+
+def test_torchcfm_exact_ot_pairs_keep_each_image_label():
+    """torchcfm's OT re-draws (noise, image) pairs from the batch plan; with labels, each drawn pair
+    carries the label of its image (x1 = x_t + (1 - t) u_t is a data row of that label)."""
+    pytest.importorskip("torchcfm")
+    pytest.importorskip("ot")
+    common = _load("_common")
+    np.random.seed(0)
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(12, 1, 4, 4, generator=g)
+    y = torch.arange(12) % 3
+    x0, t = torch.randn(12, 1, 4, 4, generator=g), torch.rand(12, generator=g)
+    x_t, u_t, y_out = common.torchcfm_pairs(exact_ot=True)(x0, x1, t, y)
+    recovered = x_t + (1 - t).view(-1, 1, 1, 1) * u_t  # (12, 1, 4, 4): the images of the drawn pairs
+    rows = torch.cdist(recovered.flatten(1), x1.flatten(1)).argmin(1)
+    assert torch.allclose(recovered, x1[rows], atol=1e-5)
+    assert torch.equal(y_out, y[rows])
+    # without labels the pairing is the unguided one and y stays None
+    assert common.torchcfm_pairs(exact_ot=True)(x0, x1, t)[2] is None
