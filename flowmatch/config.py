@@ -168,6 +168,10 @@ class MeanFlowConfig:
     # effective guidance scale omega / (1 - kappa). omega = 1, kappa = 0: no guidance.
     cfg_scale: float = 1.0  # omega
     cfg_mix: float = 0.0  # kappa, in [0, 1)
+    # a curriculum (not in the paper; 0 = off): over the first N optimizer steps the jump r - t of
+    # every row is scaled by (step + 1) / N, so training starts near the instantaneous velocity
+    # (r ~ t) and reaches the drawn intervals at step N; deterministic in the step (resume is exact)
+    interval_warmup_steps: int = 0
 
 
 @dataclass
@@ -423,6 +427,7 @@ def _validate_train(t: TrainConfig) -> None:
     _need(m.adaptive_eps > 0, "train.meanflow.adaptive_eps", "must be > 0")
     _need(m.cfg_scale > 0, "train.meanflow.cfg_scale", "must be > 0 (1: no guidance)")
     _need(0.0 <= m.cfg_mix < 1.0, "train.meanflow.cfg_mix", "must be in [0, 1)")
+    _need(m.interval_warmup_steps >= 0, "train.meanflow.interval_warmup_steps", "must be >= 0 (0: off)")
 
 
 def _validate_meanflow(cfg: Config) -> None:

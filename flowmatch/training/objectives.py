@@ -211,7 +211,8 @@ class MeanFlowSettings:
     ``time_sampler``: ``sampler(n, generator=) -> (n,)`` for both times (default the paper's ImageNet
     logit-normal in our time, mean 0.4 = its -0.4); ``equal_fraction``: share of rows with ``r = t``;
     ``adaptive_power`` / ``adaptive_eps``: ``p`` / ``eps`` of :func:`adaptive_mse`; ``cfg_scale`` /
-    ``cfg_mix``: ``omega`` / ``kappa`` of :func:`guided_velocity` (1 / 0: no guidance)."""
+    ``cfg_mix``: ``omega`` / ``kappa`` of :func:`guided_velocity` (1 / 0: no guidance);
+    ``interval_warmup``: micro-steps N of the jump curriculum (:func:`interval_scale`; 0 = off)."""
 
     time_sampler: Callable[..., Tensor] = LogitNormalTime(0.4, 1.0)
     equal_fraction: float = 0.75
@@ -219,6 +220,7 @@ class MeanFlowSettings:
     adaptive_eps: float = 1e-3
     cfg_scale: float = 1.0
     cfg_mix: float = 0.0
+    interval_warmup: int = 0
 
     @property
     def guided(self) -> bool:
@@ -235,6 +237,15 @@ def draw_two_times(sampler: Callable[..., Tensor], equal_fraction: float, n: int
     equal = torch.rand(n, generator=generator, device=a.device) < equal_fraction
     t = torch.minimum(a, b)
     return t, torch.where(equal, t, torch.maximum(a, b))
+
+
+def interval_scale(k: int, warmup: int) -> float:
+    """The jump curriculum's factor on ``r - t`` at micro-step ``k``: ``(k + 1) / warmup`` up to 1
+    (1 when ``warmup`` is 0). Early steps train near ``r = t`` (the instantaneous velocity, whose
+    target needs no long-range derivative), later ones the drawn intervals: the "flow first, then
+    long jumps" order of the curricula proposed after MeanFlow (e.g. alpha-Flow, Zhang et al. 2025)
+    in its simplest form."""
+    return 1.0 if warmup <= 0 else min(1.0, (k + 1) / warmup)
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -352,9 +363,13 @@ class MeanFlow:
         self.seed, self.global_batch, self.rows = seed, global_batch, rows
 
     def times(self, k: int) -> tuple[Tensor, Tensor]:
-        """This process's ``(t, r)`` of micro-step ``k`` (CPU, float32)."""
+        """This process's ``(t, r)`` of micro-step ``k`` (CPU, float32); during the jump curriculum
+        ``r = t + interval_scale(k) (r - t)`` (the same draws, shorter jumps)."""
         g = step_generator(self.seed, k, STREAM_MEANFLOW)
         t, r = draw_two_times(self.settings.time_sampler, self.settings.equal_fraction, self.global_batch, g)
+        scale = interval_scale(k, self.settings.interval_warmup)
+        if scale < 1.0:
+            r = t + scale * (r - t)
         return t[self.rows], r[self.rows]
 
     def __call__(self, batch: Batch, model: nn.Module, y: Tensor | None = None,

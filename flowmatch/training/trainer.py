@@ -218,7 +218,8 @@ class Trainer:
             sampler = build_time_sampler(m.time_sampler.name, shift=m.time_sampler.shift,
                                          **m.time_sampler.params)
             settings = MeanFlowSettings(sampler, m.equal_fraction, m.adaptive_power, m.adaptive_eps,
-                                        m.cfg_scale, m.cfg_mix)
+                                        m.cfg_scale, m.cfg_mix,
+                                        interval_warmup=m.interval_warmup_steps * tc.grad_accum)
             self.objective = MeanFlow(self.path, settings, cfg.seed, self.global_batch, self.stream.rows)
         else:
             self.objective = FlowMatching(self.path)

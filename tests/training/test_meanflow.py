@@ -31,6 +31,7 @@ from flowmatch.training.objectives import (
     adaptive_mse,
     draw_two_times,
     guided_velocity,
+    interval_scale,
     mean_velocity_target,
     velocity_mse,
 )
@@ -155,6 +156,20 @@ def test_two_times_sorted_with_the_equal_share():
     half = MeanFlow(build_path("linear"), MeanFlowSettings(), seed=3, global_batch=8, rows=slice(4, 8))
     assert all(torch.equal(a[4:], b) for a, b in zip(whole.times(7), half.times(7)))
     assert not torch.equal(whole.times(7)[0], whole.times(8)[0])
+
+
+def test_interval_warmup_shortens_the_jumps_then_lets_go():
+    """The jump curriculum: the same draws, r - t scaled by (k + 1) / N up to micro-step N - 1, then
+    the drawn intervals; rows with r = t stay so; t itself never changes."""
+    assert [interval_scale(k, 4) for k in (0, 1, 3, 4, 100)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert interval_scale(0, 0) == 1.0
+    plain = MeanFlow(build_path("linear"), MeanFlowSettings(), seed=3, global_batch=64)
+    ramped = MeanFlow(build_path("linear"), MeanFlowSettings(interval_warmup=4), seed=3, global_batch=64)
+    for k in range(6):
+        (t, r), (t2, r2) = plain.times(k), ramped.times(k)
+        assert torch.equal(t, t2) and torch.equal(r == t, r2 == t2)
+        torch.testing.assert_close(r2 - t2, min(1.0, (k + 1) / 4) * (r - t))
+        assert (r2 <= r).all() and ((r2 > t2) | (r == t)).all()
 
 
 def test_guided_velocity_is_the_papers_combination():
@@ -285,6 +300,7 @@ def test_config_defaults_are_the_papers():
     ({"meanflow": {"adaptive_eps": 0}}, "train.meanflow.adaptive_eps"),
     ({"meanflow": {"cfg_scale": 0}}, "train.meanflow.cfg_scale"),
     ({"meanflow": {"cfg_mix": 1.0}}, "train.meanflow.cfg_mix"),
+    ({"meanflow": {"interval_warmup_steps": -1}}, "train.meanflow.interval_warmup_steps"),
     ({"meanflow": {"cfg_scale": 2.0}}, "train.meanflow.cfg_scale"),  # unconditional model
     ({"meanflow": {"time_sampler": {"std": 0}}}, "train.meanflow.time_sampler.std"),
     ({"meanflow": {"time_sampler": {"sd": 1}}}, "train.meanflow.time_sampler.sd"),
@@ -374,11 +390,15 @@ def _digits(tmp_path, dropout=0.1, **train):
         "train": t, "sample": {"method": "euler", "steps": 2, "n": 10}})
 
 
-def test_sigint_and_resume_is_exact(tmp_path):
-    """Class-conditional U-Net with dropout, guidance in the target, accumulation: bit-exact resume."""
-    ref = Trainer(_digits(tmp_path / "a"), progress=False)
+@pytest.mark.parametrize("curriculum", [0, 4])
+def test_sigint_and_resume_is_exact(tmp_path, curriculum):
+    """Class-conditional U-Net with dropout, guidance in the target, accumulation, with and without
+    the jump curriculum (over 4 optimizer steps = 8 micro-steps): bit-exact resume."""
+    meanflow = {"equal_fraction": 0.5, "cfg_scale": 2.0, "cfg_mix": 0.3, "interval_warmup_steps": curriculum}
+    ref = Trainer(_digits(tmp_path / "a", meanflow=meanflow), progress=False)
+    assert ref.objective.settings.interval_warmup == 2 * curriculum  # in micro-steps (grad_accum 2)
     assert ref.fit().status == "finished"
-    cfg = _digits(tmp_path / "b")
+    cfg = _digits(tmp_path / "b", meanflow=meanflow)
     first = _InterruptAt(cfg, progress=False)
     first.at = 3
     assert first.fit().status == "interrupted"
