@@ -20,6 +20,9 @@ function of t alone (a time weighting); in 2-D a row's error is two numbers, the
 given z_t are spread over the whole data set near t = 0, and the weight becomes a mode-seeking
 per-row reweighting. ``p0`` (plain MSE) tests that; ``uniform`` tests the time sampler (the
 logit-normal rarely draws t near 0 or 1, the ends of the one-jump interval [0, 1]).
+``p0-curriculum`` tests the order of learning (``train.meanflow.interval_warmup_steps``: every jump
+r - t scaled by (step + 1) / 2000, so the velocity is learnt before the long jumps whose target
+differentiates it; half the default budget).
 
 Output: one table (rows setting x target, cells mean of the seeds ± half their difference; the
 reference columns from the stored protocol runs: best peer dopri5 of seed 0 from
@@ -64,6 +67,8 @@ SETTINGS: dict[str, tuple[list[str], str]] = {
     "uniform-p0-eq50": (["train.meanflow.time_sampler.name=uniform", "train.meanflow.adaptive_power=0",
                          "train.meanflow.equal_fraction=0.5"],
                         "uniform times, plain MSE, 50 % of rows with r = t"),
+    "p0-curriculum": (["train.meanflow.adaptive_power=0", "train.meanflow.interval_warmup_steps=2000"],
+                      "plain MSE, jumps r - t grown linearly from 0 over the first 2000 steps"),
 }
 DEFAULT_SETTINGS = ["default", "p0", "uniform", "uniform-p0"]
 QUICK = {"targets": ["checkerboard"], "seeds": [0], "steps": 100, "n": 200, "jobs": 1}
