@@ -286,10 +286,8 @@ def train_peer(p: Protocol, work: Path, pairs: Callable) -> Trained:
     of the rows' labels when conditional)."""
     cfg = protocol_config(p, work)
     data = build_dataset(cfg.data.kind, **cfg.data.params)  # images (1438, 1, S, S), as the Trainer's
-    if not p.conditional:
-        return common.train_peer_loop(cfg, data.images, pairs, ema=True)
-    return common.train_peer_loop(cfg, data.images, pairs, ema=True, labels=data.labels,
-                                  num_classes=data.num_classes)
+    labels, classes = (data.labels, data.num_classes) if p.conditional else (None, 0)
+    return common.train_peer_loop(cfg, data.images, pairs, ema=True, labels=labels, num_classes=classes)
 
 
 #################################################################################
@@ -695,6 +693,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--n must be above {PR_K} (precision / recall use {PR_K} neighbours), got {args.n}")
     if args.jobs is not None and args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.meanflow_seeds and MEANFLOW not in args.variants:
+        p.error(f"--meanflow-seeds needs {MEANFLOW} among --variants")
     if args.against is not None and not Path(args.against).is_file():
         p.error(f"--against {args.against}: no such file (a stored run's --json)")
     if args.json is None:

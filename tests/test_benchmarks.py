@@ -527,6 +527,9 @@ def test_digits_protocol_against_a_missing_file_is_one_line(tmp_path, capsys):
         bench.parse_args(["--against", str(tmp_path / "none.json")])
     assert stop.value.code == 2
     assert f"--against {tmp_path / 'none.json'}: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variants", "flowmatch", "--meanflow-seeds", "0,1"])
+    assert "--meanflow-seeds needs flowmatch-meanflow among --variants" in capsys.readouterr().err
 
 
 def test_digits_protocol_conditional_quick_run(tmp_path, capsys):
@@ -560,7 +563,7 @@ def test_digits_protocol_conditional_quick_run(tmp_path, capsys):
         for cell in method["cells"]:
             assert "error" not in cell and 0 <= cell["class_accuracy"] <= 1, (name, cell)
     # The labels reach the peers' loop as the Trainer's: the same computation, the same samples
-    for peer in {"torchcfm-cfm", "fm-condot"} & set(k for k, m in methods.items() if m["status"] == "ok"):
+    for peer in {"torchcfm-cfm", "fm-condot"} & {k for k, m in methods.items() if m["status"] == "ok"}:
         assert methods[peer]["train"]["mean_loss"] == pytest.approx(methods["flowmatch"]["train"]["mean_loss"],
                                                                    rel=1e-5)
         ours = {c["solver"]: c["fid"] for c in methods["flowmatch"]["cells"] if c["solver"] in ("euler", "midpoint")}
