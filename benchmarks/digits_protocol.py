@@ -123,7 +123,6 @@ from flowmatch.data.digits import Digits
 from flowmatch.evaluation.features import (
     build_extractor,
     features_of,
-    load_digit_classifier,
     train_digit_classifier,
 )
 from flowmatch.evaluation.frechet import (
@@ -436,9 +435,8 @@ def evaluation_inputs(p: Protocol, classifier_path: str) -> tuple[Scorer, torch.
     extractor = build_extractor("digits", weights=classifier_path)
     y = evaluation_labels(p)
     classify = None
-    if y is not None:
-        classifier = load_digit_classifier(classifier_path)
-        classify = lambda images: classifier(images).argmax(1)
+    if y is not None:  # the extractor's own classifier (its .net), read once
+        classify = lambda images: extractor.net(images).argmax(1)
     scorer = Scorer(extractor, Digits(p.image_size, "train").images, p.n, p.eval_seed, classify, y)
     x0 = seeded_noise(range(p.n), (1, p.image_size, p.image_size), seed=p.eval_seed)  # same for all
     return scorer, x0, y

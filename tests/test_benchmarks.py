@@ -554,7 +554,12 @@ def test_digits_protocol_conditional_quick_run(tmp_path, capsys):
     assert bench.evaluation_labels(bench.replace(bench.QUICK, conditional=True, n=40)).tolist() == \
         test.labels[:40].tolist()
     assert bench.evaluation_labels(bench.QUICK) is None
-    assert 0 <= results["floor"]["class_accuracy"] <= 1
+    from flowmatch.evaluation.features import load_digit_classifier
+
+    classifier = load_digit_classifier(results["classifier"]["path"])
+    with torch.no_grad():
+        read = classifier(test.images[:40]).argmax(1)
+    assert results["floor"]["class_accuracy"] == pytest.approx((read == test.labels[:40]).float().mean().item())
     methods = results["methods"]
     for name, method in {**methods, **results["seed_runs"]}.items():
         if method["status"] != "ok":
